@@ -1,0 +1,1 @@
+"""Data: the demo tokenizer, generated arithmetic conversations, preprocessing, collators and samplers."""
