@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_llada2_moe import LLaDA2MoeConfig
-from .conversion import convert_checkpoint, register_conversions, validate_expert_tensors
+from .conversion import convert_checkpoint, load_checkpoint_weights, register_conversions, validate_expert_tensors
 from .modeling_llada2_moe import LLaDA2MoeForCausalLM, LLaDA2MoeModel, LLaDA2MoePreTrainedModel
 from .shipped import SHIPPED_CONFIGS, shipped_config
 
@@ -23,6 +23,7 @@ __all__ = [
     "LLaDA2MoePreTrainedModel",
     "SHIPPED_CONFIGS",
     "convert_checkpoint",
+    "load_checkpoint_weights",
     "register",
     "shipped_config",
     "validate_expert_tensors",

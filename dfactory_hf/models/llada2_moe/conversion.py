@@ -198,6 +198,45 @@ def copy_remote_code(source_directory, save_directory, config) -> list[str]:
     return copied
 
 
+def fused_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any expert layout -> the in-memory fused one (`gate_up_proj`, `down_proj`); other keys unchanged."""
+    layers = _group_expert_keys(tensors)
+    expert_keys = {key for rests in layers.values() for key in rests.values()}
+    out = {key: value for key, value in tensors.items() if key not in expert_keys}
+    for rests in layers.values():
+        prefix = _EXPERT_KEY.match(next(iter(rests.values())))["prefix"]
+        layout = detect_layout(rests)
+        if layout == "hub":
+            num_experts = 1 + max(int(_HUB_REST.match(rest)["expert"]) for rest in rests)
+            gate, up, down = (torch.stack([tensors[f"{prefix}{e}.{proj}.weight"] for e in range(num_experts)])
+                              for proj in PROJECTIONS)
+        else:
+            gate, up, down = _expert_tensors(layout, prefix, tensors.__getitem__)
+        out[prefix + "gate_up_proj"] = torch.cat([gate, up], dim=1)
+        out[prefix + "down_proj"] = down
+    return out
+
+
+def load_checkpoint_weights(model, directory: str | os.PathLike) -> None:
+    """Load a safetensors checkpoint directory (any expert layout) into an existing model, strictly.
+
+    `Trainer` resumes with a plain `load_state_dict` of the saved file, which would silently drop the hub
+    layout's per-expert keys (and leave the experts untrained); this converts them first.
+    """
+    key_to_file = checkpoint_files(directory)
+    tensors = {}
+    for file in sorted(set(key_to_file.values())):
+        with safe_open(file, framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+    state = fused_state_dict(tensors)
+    # Buffers that are not saved (rotary inv_freq) stay as they are.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ValueError(f"Checkpoint {directory} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}.")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Offline conversion between layouts (no model is built)
 # ---------------------------------------------------------------------------------------------------------

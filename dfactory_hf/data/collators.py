@@ -1,0 +1,191 @@
+"""Collators: documents -> one batch contract, with the diffusion noise drawn here.
+
+Every collator emits, for R rows of length L (L a multiple of `block_size`)::
+
+    input_ids        long    [R, L]  clean x_0
+    noisy_input_ids  long    [R, L]  x_t (masked response tokens = mask_token_id)
+    labels           long    [R, L]  x_0 at masked positions, -100 elsewhere
+    position_ids     long    [R, L]  0.. per document, 0 at row padding
+    attention_mask   long    [R, L]  1 real token (EOS fill included), 0 row padding
+    mask_rate        float32 [R, L]  t of the position's document, 0 at row padding
+
+- `PaddingCollator`: one document per row, rows padded to the batch's longest document (already a multiple of
+  `block_size`) or, with `pad_to_max_seq_len`, to `max_seq_len` (the public recipe's baseline).
+- `PackingCollator`: whole documents packed best-fit into rows of at most `max_seq_len`; the mask builder keeps
+  documents apart (docs/design.md, "Masks").
+- `PositionIdCollator`: all documents in one row, no padding at all (full-attention / padding-free mode); can
+  add flash-attention varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`).
+
+Noise is seeded per document from (seed, sample_index, epoch), so a document gets the same x_t whatever its
+batch, row or rank, and a resumed run draws what an uninterrupted one would. `set_epoch` is called by the
+trainer at each epoch start. With `complementary_masking` each document yields two documents whose masks
+together cover every response token exactly once (both land in the same batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..diffusion.noise import (
+    complement_mask_rate,
+    complementary_pair,
+    document_generator,
+    mask_document,
+    sample_mask_rate,
+)
+
+IGNORE_INDEX = -100
+
+
+class NoisedDocument(NamedTuple):
+    x_0: torch.Tensor  # [n]
+    x_t: torch.Tensor  # [n]
+    labels: torch.Tensor  # [n]
+    mask_rate: float
+
+
+@dataclass
+class DiffusionCollator:
+    """Base class: noises documents; subclasses choose how documents are laid out into rows."""
+
+    mask_token_id: int
+    pad_token_id: int
+    block_size: int
+    noise_range_low: float = 0.3
+    noise_range_high: float = 0.8
+    complementary_masking: bool = False
+    min_masked_tokens: int = 1
+    seed: int = 0
+    epoch: int = 0
+    fixed_mask_rate: float | None = None  # every document masked at exactly this t (evaluation grids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        documents = [doc for feature in features for doc in self.noise(feature)]
+        rows = self.layout(documents)
+        return rows_to_batch(rows, self.row_length(rows), self.pad_token_id)
+
+    def layout(self, documents: list[NoisedDocument]) -> list[list[NoisedDocument]]:
+        raise NotImplementedError
+
+    def row_length(self, rows: list[list[NoisedDocument]]) -> int:
+        return max(sum(len(doc.x_0) for doc in row) for row in rows)
+
+    def noise(self, feature: dict) -> list[NoisedDocument]:
+        x_0 = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+        prompt_length = int(feature["prompt_length"])
+        if len(x_0) % self.block_size:
+            raise ValueError(
+                f"Document {feature.get('sample_index')} has {len(x_0)} tokens, not a multiple of block_size "
+                f"({self.block_size}); build datasets with dfactory_hf.data.preprocessing.prepare_dataset."
+            )
+        if feature.get("noisy_input_ids"):
+            x_t = torch.as_tensor(feature["noisy_input_ids"], dtype=torch.long)
+            labels = torch.as_tensor(feature["labels"], dtype=torch.long)
+            supervised = int((labels != IGNORE_INDEX).sum())
+            return [NoisedDocument(x_0, x_t, labels, supervised / max(len(x_0) - prompt_length, 1))]
+        generator = document_generator(self.seed, int(feature["sample_index"]), self.epoch)
+        if self.fixed_mask_rate is not None:
+            t = self.fixed_mask_rate
+        else:
+            t = float(sample_mask_rate(1, self.noise_range_low, self.noise_range_high, generator)[0])
+        x_t, is_masked = mask_document(x_0, prompt_length, t, self.mask_token_id, generator,
+                                       min_masked=self.min_masked_tokens)
+        documents = [NoisedDocument(x_0, x_t, torch.where(is_masked, x_0, IGNORE_INDEX), t)]
+        if self.complementary_masking:
+            x_t_c, is_masked_c = complementary_pair(x_0, prompt_length, is_masked, self.mask_token_id)
+            documents.append(
+                NoisedDocument(x_0, x_t_c, torch.where(is_masked_c, x_0, IGNORE_INDEX), complement_mask_rate(t))
+            )
+        return documents
+
+
+@dataclass
+class PaddingCollator(DiffusionCollator):
+    max_seq_len: int | None = None
+    pad_to_max_seq_len: bool = False
+
+    def layout(self, documents):
+        return [[doc] for doc in documents]
+
+    def row_length(self, rows):
+        longest = super().row_length(rows)
+        if not self.pad_to_max_seq_len:
+            return longest
+        if self.max_seq_len is None or longest > self.max_seq_len:
+            raise ValueError(f"pad_to_max_seq_len needs max_seq_len ({self.max_seq_len}) >= the longest document "
+                             f"({longest}); set max_seq_len or prepare documents with it.")
+        return self.max_seq_len
+
+
+@dataclass
+class PackingCollator(DiffusionCollator):
+    max_seq_len: int = 2048
+
+    def layout(self, documents):
+        return pack_best_fit(documents, self.max_seq_len)
+
+
+@dataclass
+class PositionIdCollator(DiffusionCollator):
+    return_flash_attn_kwargs: bool = False
+
+    def layout(self, documents):
+        return [documents]
+
+    def __call__(self, features):
+        batch = super().__call__(features)
+        if self.return_flash_attn_kwargs:
+            starts = (batch["position_ids"][0] == 0).nonzero().flatten()
+            bounds = torch.cat([starts, torch.tensor([batch["position_ids"].shape[1]])]).to(torch.int32)
+            longest = int((bounds[1:] - bounds[:-1]).max())
+            batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+        return batch
+
+
+def pack_best_fit(documents: list[NoisedDocument], capacity: int) -> list[list[NoisedDocument]]:
+    """Best-fit decreasing: each document (longest first) goes to the fullest row it still fits in."""
+    rows: list[list[NoisedDocument]] = []
+    room: list[int] = []
+    for doc in sorted(documents, key=lambda d: -len(d.x_0)):
+        size = len(doc.x_0)
+        if size > capacity:
+            raise ValueError(f"A document of {size} tokens does not fit a row of max_seq_len={capacity} tokens.")
+        fits = [r for r in range(len(rows)) if room[r] >= size]
+        if fits:
+            best = min(fits, key=lambda r: room[r])
+            rows[best].append(doc)
+            room[best] -= size
+        else:
+            rows.append([doc])
+            room.append(capacity - size)
+    return rows
+
+
+def rows_to_batch(rows: list[list[NoisedDocument]], row_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    num_rows = len(rows)
+    batch = {
+        "input_ids": torch.full((num_rows, row_length), pad_token_id, dtype=torch.long),
+        "noisy_input_ids": torch.full((num_rows, row_length), pad_token_id, dtype=torch.long),
+        "labels": torch.full((num_rows, row_length), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.zeros((num_rows, row_length), dtype=torch.long),
+        "attention_mask": torch.zeros((num_rows, row_length), dtype=torch.long),
+        "mask_rate": torch.zeros((num_rows, row_length), dtype=torch.float32),
+    }
+    for r, row in enumerate(rows):
+        start = 0
+        for doc in row:
+            end = start + len(doc.x_0)
+            batch["input_ids"][r, start:end] = doc.x_0
+            batch["noisy_input_ids"][r, start:end] = doc.x_t
+            batch["labels"][r, start:end] = doc.labels
+            batch["position_ids"][r, start:end] = torch.arange(len(doc.x_0))
+            batch["attention_mask"][r, start:end] = 1
+            batch["mask_rate"][r, start:end] = doc.mask_rate
+            start = end
+    return batch

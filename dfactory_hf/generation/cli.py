@@ -1,0 +1,110 @@
+"""`dfactory-hf generate`: chat with a block-diffusion checkpoint, printing each block as it is committed.
+
+    dfactory-hf generate --model PATH --prompt "What is 17 + 25?"
+    dfactory-hf generate --model PATH --prompt "first question" --prompt "second question" --temperature 0.7 --seed 0
+
+Several `--prompt`s are decoded together as one batch (the same tokens as one at a time at temperature 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def add_generate_command(subparsers) -> None:
+    """Register `generate` on the `dfactory-hf` subcommand parsers."""
+    command = subparsers.add_parser(
+        "generate",
+        help="block-diffusion generation, printing each committed block",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_argument("--model", required=True, help="checkpoint directory or hub id (llada2_moe)")
+    command.add_argument("--tokenizer", help="tokenizer directory or hub id (default: --model)")
+    command.add_argument("--prompt", action="append", required=True,
+                         help="user message; repeat the flag to decode several prompts as one batch")
+    command.add_argument("--system", help="optional system message put before every prompt")
+    command.add_argument("--gen_length", type=int, default=256, help="most tokens generated per prompt")
+    command.add_argument("--block_length", type=int, default=32, help="tokens per diffusion block (the training block size)")
+    command.add_argument("--steps", type=int, default=32, help="most denoising steps per block")
+    command.add_argument("--threshold", type=float, default=0.95,
+                         help="commit a position early once its token's probability exceeds this, in (0, 1]")
+    command.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    command.add_argument("--top_k", type=int, help="sample only among the k most likely tokens")
+    command.add_argument("--top_p", type=float, help="sample only within this much probability mass, in (0, 1]")
+    command.add_argument("--seed", type=int, help="seed of the sampling generator (temperature > 0)")
+    command.add_argument("--no_cache", action="store_true",
+                         help="recompute every committed block at every step (the slow reference; same tokens)")
+    command.add_argument("--eos_early_stop", action="store_true",
+                         help="stop a prompt as soon as it commits EOS with no mask before it, not after its block")
+    command.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype ('auto': the checkpoint's)")
+    command.set_defaults(handler=run_generate)
+
+
+def build_prompt_ids(tokenizer, prompts: list[str], system: str | None) -> list[list[int]]:
+    rows = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        rows.append(list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
+    return rows
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import dfactory_hf  # noqa: F401  (registers llada2_moe with the Auto classes)
+
+    from .sampler import generate
+
+    tokenizer_path = args.tokenizer or args.model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if tokenizer.mask_token_id is None:
+        raise ValueError(
+            f"the tokenizer at {tokenizer_path} has no mask token, which block diffusion needs; "
+            "pass --tokenizer with a diffusion tokenizer (one that sets mask_token)."
+        )
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
+
+    prompt_ids = build_prompt_ids(tokenizer, args.prompt, args.system)
+    streamed = [""] * len(prompt_ids)
+    answers_so_far: list[list[int]] = [[] for _ in prompt_ids]
+
+    def print_block(new_tokens: list[list[int]], block_index: int) -> None:
+        for row, tokens in enumerate(new_tokens):
+            if not tokens:
+                continue
+            answers_so_far[row].extend(tokens)
+            # Decode the whole answer so far and print the new suffix: a block may split a multi-byte character.
+            text = tokenizer.decode(answers_so_far[row], skip_special_tokens=True)
+            new_text, streamed[row] = text[len(streamed[row]) :], text
+            prefix = f"[{row}] " if len(prompt_ids) > 1 else ""
+            print(f"{prefix}block {block_index}: {new_text!r}", flush=True)
+
+    answers = generate(
+        model,
+        prompt_ids,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
+        threshold=args.threshold,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=tokenizer.eos_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_early_stop=args.eos_early_stop,
+        use_cache=not args.no_cache,
+        generator=generator,
+        on_block_committed=print_block,
+    )
+    for row, (prompt, answer) in enumerate(zip(args.prompt, answers)):
+        print(f"\n=== answer {row} ({len(answer)} tokens) to {prompt!r} ===")
+        print(tokenizer.decode(answer, skip_special_tokens=True))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,286 @@
+"""Block-diffusion generation for LLaDA2-style models, batched, with a KV cache of committed blocks.
+
+    from dfactory_hf import generate
+    answers = generate(model, [prompt_a, prompt_b], gen_length=256, eos_token_id=eos, mask_token_id=mask)
+
+Algorithm (REFERENCE 3): the canvas is each prompt followed by mask tokens. Blocks are aligned to absolute
+positions (block k = positions [k * block_length, (k + 1) * block_length), position 0 = the row's first prompt
+token). Generation starts at the block that holds the first generated position and denoises one block at a
+time under a block-causal mask (a block sees itself and every earlier block); see `decoding.py` for the
+per-step rule. A row stops after the block holding its first EOS (or, with `eos_early_stop`, once an EOS has
+no mask before it), or when its gen_length tokens are covered.
+
+Batch layout: row i with a P_i-token prompt is left-padded by whole blocks so that every row's first generated
+position lies in the same canvas block; padding is invisible to real tokens and position ids restart at 0 at
+each row's first real token, so a batch decodes exactly like its rows one at a time.
+
+Cache: committed blocks never change, and under the block-causal mask their keys/values depend only on
+themselves and earlier blocks. `use_cache=True` therefore prefills the blocks before the first generated block
+once, runs each denoising step on the current block alone (then crops the cache back, so uncommitted tokens
+never stay in it) and appends each finished block once. `use_cache=False` recomputes the whole prefix at every
+step (the reference). At temperature 0 both give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .decoding import pick_tokens, select_positions_to_commit, transfer_schedule
+from .validation import check_attention_backend, check_prompt_lengths, normalize_prompts, validate_generation_args
+
+BlockCallback = Callable[[list[list[int]], int], None]
+
+
+@dataclass
+class Canvas:
+    """The batch laid out on whole blocks: `tokens`, `position_ids`, `is_real` and `answer` are [B, num_blocks * L]."""
+
+    tokens: torch.Tensor  # prompt, then mask tokens; left padding holds mask tokens too (never attended)
+    position_ids: torch.Tensor  # 0 at each row's first prompt token, 0 on padding
+    is_real: torch.Tensor  # bool: not left padding
+    answer: torch.Tensor  # bool: the row's gen_length answer positions
+    to_fill: torch.Tensor  # bool: the answer, then the rest of the row's last block (the canvas is whole blocks)
+    row_last_block: torch.Tensor  # long [B]: the last canvas block a row needs
+    first_block: int  # the canvas block holding every row's first generated position
+    block_length: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tokens.shape[1] // self.block_length
+
+
+def build_canvas(
+    prompts: list[list[int]], *, gen_length: int, block_length: int, mask_token_id: int, device: torch.device
+) -> Canvas:
+    prompt_lengths = torch.tensor([len(prompt) for prompt in prompts])
+    first_gen_block = prompt_lengths // block_length  # per row, in its own (unpadded) block numbering
+    first_block = int(first_gen_block.max())
+    pad_lengths = (first_block - first_gen_block) * block_length
+    answer_ends = pad_lengths + prompt_lengths + gen_length
+    row_last_block = (answer_ends - 1) // block_length
+    num_blocks = int(row_last_block.max()) + 1
+
+    batch, length = len(prompts), num_blocks * block_length
+    tokens = torch.full((batch, length), mask_token_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        start = int(pad_lengths[row])
+        tokens[row, start : start + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    index = torch.arange(length).expand(batch, length)
+    is_real = index >= pad_lengths[:, None]
+    answer_starts = pad_lengths + prompt_lengths
+    answer = (index >= answer_starts[:, None]) & (index < answer_ends[:, None])
+    to_fill = (index >= answer_starts[:, None]) & (index < (row_last_block[:, None] + 1) * block_length)
+    return Canvas(
+        tokens=tokens.to(device),
+        position_ids=(index - pad_lengths[:, None]).clamp(min=0).to(device),
+        is_real=is_real.to(device),
+        answer=answer.to(device),
+        to_fill=to_fill.to(device),
+        row_last_block=row_last_block.to(device),
+        first_block=first_block,
+        block_length=block_length,
+    )
+
+
+def block_causal_mask(canvas: Canvas, query_start: int, query_end: int) -> torch.Tensor:
+    """bool [B, 1, Q, K] (True = attend) for queries [query_start, query_end) over keys [0, query_end).
+
+    A real query sees the real keys of its block and of every earlier block; a padding query sees only itself
+    (so its softmax stays finite and its keys/values are harmless numbers that no real query reads).
+    """
+    block_length = canvas.block_length
+    device = canvas.tokens.device
+    query = torch.arange(query_start, query_end, device=device)
+    key = torch.arange(query_end, device=device)
+    same_or_earlier_block = (key[None, :] // block_length) <= (query[:, None] // block_length)  # [Q, K]
+    mask = same_or_earlier_block[None] & canvas.is_real[:, None, :query_end]  # [B, Q, K]
+    itself = key[None, :] == query[:, None]
+    mask = torch.where(canvas.is_real[:, query_start:query_end, None], mask, itself[None])
+    return mask[:, None]
+
+
+def _forward(
+    model, canvas: Canvas, query_start: int, query_end: int, cache: DynamicCache | None, logits_to_keep: int
+) -> torch.Tensor:
+    """Run the model on canvas[:, query_start:query_end] (earlier keys come from `cache`); logits [B, keep, V]."""
+    output = model(
+        input_ids=canvas.tokens[:, query_start:query_end],
+        attention_mask=block_causal_mask(canvas, query_start, query_end),
+        position_ids=canvas.position_ids[:, query_start:query_end],
+        past_key_values=cache,
+        use_cache=cache is not None,
+        logits_to_keep=logits_to_keep,
+    )
+    return output.logits[:, -logits_to_keep:]
+
+
+def _drop_uncommitted(cache: DynamicCache, keep_length: int) -> None:
+    excess = cache.get_seq_length() - keep_length
+    if excess > 0:
+        cache.crop(-excess)  # a negative argument removes that many trailing tokens in every transformers version
+
+
+def _eos_stopped(canvas: Canvas, eos_token_id: int | None, end: int, *, mask_token_id: int) -> torch.Tensor:
+    """bool [B]: the row's answer (up to canvas position `end`) holds an EOS with no mask token before it."""
+    if eos_token_id is None:
+        return torch.zeros(canvas.tokens.shape[0], dtype=torch.bool, device=canvas.tokens.device)
+    tokens, answer = canvas.tokens[:, :end], canvas.answer[:, :end]
+    is_eos = answer & (tokens == eos_token_id)
+    mask_so_far = (answer & (tokens == mask_token_id)).cumsum(dim=-1) > 0
+    return (is_eos & ~mask_so_far).any(dim=-1)
+
+
+def _answer_tokens(canvas: Canvas, row: int, end: int, eos_token_id: int | None) -> list[int]:
+    """Row's answer tokens in canvas positions [.., end), cut after the first EOS."""
+    tokens = canvas.tokens[row, :end][canvas.answer[row, :end]].tolist()
+    if eos_token_id is not None and eos_token_id in tokens:
+        tokens = tokens[: tokens.index(eos_token_id) + 1]
+    return tokens
+
+
+@torch.no_grad()
+def _decode(
+    model,
+    canvas: Canvas,
+    *,
+    steps: int,
+    threshold: float,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id: int | None,
+    mask_token_id: int,
+    eos_early_stop: bool,
+    use_cache: bool,
+    generator: torch.Generator | None,
+    on_block_committed: BlockCallback | None,
+) -> list[list[int]]:
+    block_length = canvas.block_length
+    batch = canvas.tokens.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=canvas.tokens.device)
+    emitted = [0] * batch  # answer tokens already handed to on_block_committed, per row
+
+    cache = DynamicCache() if use_cache else None
+    if cache is not None and canvas.first_block > 0:
+        _forward(model, canvas, 0, canvas.first_block * block_length, cache, logits_to_keep=1)
+
+    for block in range(canvas.first_block, canvas.num_blocks):
+        start, end = block * block_length, (block + 1) * block_length
+        block_tokens = canvas.tokens[:, start:end]  # a view: commits write into the canvas
+        still_masked = canvas.to_fill[:, start:end] & (block_tokens == mask_token_id) & ~done[:, None]  # [B, L]
+        schedule = transfer_schedule(still_masked.sum(dim=-1), steps)  # [B, steps]
+
+        for step in range(steps):
+            if not still_masked.any():
+                break
+            if cache is None:
+                logits = _forward(model, canvas, 0, end, None, logits_to_keep=block_length)
+            else:
+                logits = _forward(model, canvas, start, end, cache, logits_to_keep=block_length)
+                _drop_uncommitted(cache, start)
+            tokens, confidence = pick_tokens(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            commit = select_positions_to_commit(confidence, still_masked, schedule[:, step], threshold)
+            block_tokens.copy_(torch.where(commit, tokens, block_tokens))
+            still_masked &= ~commit
+            if eos_early_stop:
+                stopped = _eos_stopped(canvas, eos_token_id, end, mask_token_id=mask_token_id) & ~done
+                done |= stopped
+                still_masked &= ~stopped[:, None]
+        assert not still_masked.any(), "the transfer schedule commits every masked position within `steps` steps"
+
+        done |= _eos_stopped(canvas, eos_token_id, end, mask_token_id=mask_token_id)
+        done |= canvas.row_last_block <= block
+        if on_block_committed is not None:
+            new_tokens = []
+            for row in range(batch):
+                so_far = _answer_tokens(canvas, row, end, eos_token_id)
+                new_tokens.append(so_far[emitted[row] :])
+                emitted[row] = len(so_far)
+            on_block_committed(new_tokens, block - canvas.first_block)
+        if done.all():
+            break
+        if cache is not None:
+            _forward(model, canvas, start, end, cache, logits_to_keep=1)  # append the finished block's keys/values
+
+    return [_answer_tokens(canvas, row, canvas.tokens.shape[1], eos_token_id) for row in range(batch)]
+
+
+def generate(
+    model,
+    prompt_ids: Sequence[Sequence[int]] | torch.Tensor,
+    *,
+    gen_length: int,
+    block_length: int = 32,
+    steps: int = 32,
+    threshold: float = 0.95,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None,
+    mask_token_id: int,
+    eos_early_stop: bool = False,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    on_block_committed: BlockCallback | None = None,
+) -> list[list[int]]:
+    """Generate up to `gen_length` tokens after each prompt by block diffusion; returns one id list per prompt.
+
+    prompt_ids: a list of token-id lists (lengths may differ) or a LongTensor [B, P] (B prompts of exactly P
+    tokens, no padding). Each returned list excludes the prompt, has at most `gen_length` ids and ends after the
+    first EOS when there is one (EOS included). `eos_token_id=None` never stops early.
+
+    block_length / steps / threshold: the block size, the most denoising steps per block and the probability a
+    position's token must exceed to be committed early (REFERENCE 3 defaults 32 / 32 / 0.95).
+    temperature 0 is greedy; > 0 samples after top-k / top-p filtering, drawing from `generator` when given.
+    eos_early_stop: stop a row as soon as it commits an EOS with no mask before it, instead of after its block.
+    use_cache: reuse the keys/values of committed blocks (same tokens as recomputing, far fewer FLOPs).
+    on_block_committed(new_tokens, block_index): called after every generated block; `new_tokens[i]` are row i's
+    answer tokens that this block added (concatenated over the calls they equal the returned list), and
+    `block_index` counts generated blocks from 0.
+
+    The model runs in eval mode under no_grad (its training mode is restored afterwards) with 4D boolean
+    block-causal masks, so its attention implementation must be sdpa or eager.
+    """
+    validate_generation_args(
+        gen_length=gen_length,
+        block_length=block_length,
+        steps=steps,
+        threshold=threshold,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        mask_token_id=mask_token_id,
+    )
+    prompts = normalize_prompts(prompt_ids)
+    check_prompt_lengths(prompts, gen_length=gen_length, max_positions=getattr(model.config, "max_position_embeddings", None))
+    check_attention_backend(model.config)
+
+    canvas = build_canvas(
+        prompts, gen_length=gen_length, block_length=block_length, mask_token_id=mask_token_id, device=model.device
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        return _decode(
+            model,
+            canvas,
+            steps=steps,
+            threshold=threshold,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            mask_token_id=mask_token_id,
+            eos_early_stop=eos_early_stop,
+            use_cache=use_cache,
+            generator=generator,
+            on_block_committed=on_block_committed,
+        )
+    finally:
+        model.train(was_training)

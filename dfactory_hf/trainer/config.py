@@ -1,0 +1,218 @@
+"""`DiffusionTrainingArguments`: `TrainingArguments` plus the block-diffusion SFT knobs.
+
+Names follow the public LLaDA2 recipe (dFactory) where it had one (`block_diffusion_mode`, `block_size`,
+`noise_range_low/high`, `same_token_labels`, `confidence_beta`, `max_seq_len`). Parsed by
+`trl.TrlParser` / `HfArgumentParser`, so every field is a CLI flag and can come from `--config recipe.yaml`.
+Validation lives in an idempotent `__post_init__` and names the flag, its value, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from transformers import TrainingArguments
+
+from ..diffusion.loss import LOSS_WEIGHTING_MODES
+from ..diffusion.noise import validate_noise_range
+
+OVERLONG_POLICIES = ("skip", "truncate")
+
+
+@dataclass
+class DiffusionTrainingArguments(TrainingArguments):
+    # --- the diffusion objective -------------------------------------------------------------------------
+    block_diffusion_mode: bool = field(
+        default=True,
+        metadata={"help": "True: block diffusion (one forward over [x_t ; x_0], 2L tokens, block-causal over "
+                          "clean blocks, bidirectional inside the noisy block). False: full-attention masked "
+                          "diffusion (MDLM) over x_t alone (L tokens)."},
+    )
+    block_size: int = field(
+        default=32,
+        metadata={"help": "Tokens per diffusion block (> 0). Responses are EOS-filled to a multiple of it; "
+                          "max_seq_len must be a multiple of it. LLaDA2 uses 32."},
+    )
+    noise_range_low: float = field(
+        default=0.3, metadata={"help": "Lower end of the per-sample mask rate t ~ U[low, high], in (0, 1]."}
+    )
+    noise_range_high: float = field(
+        default=0.8, metadata={"help": "Upper end of the per-sample mask rate t, in [noise_range_low, 1]."}
+    )
+    same_token_labels: bool = field(
+        default=True,
+        metadata={"help": "True: the logit at position p predicts the clean token at p (LLaDA2). False: it "
+                          "predicts the token at p + 1 (next-token shift, dFactory's code default)."},
+    )
+    confidence_beta: float = field(
+        default=0.0,
+        metadata={"help": "Weight (>= 0) of the CAP auxiliary loss: entropy at supervised positions whose argmax "
+                          "is already right. 0 disables it; dFactory recommends 2.0."},
+    )
+    complementary_masking: bool = field(
+        default=False,
+        metadata={"help": "Turn each sample into two rows with complementary masks over its response, so every "
+                          "response token is supervised exactly once per pair (doubles tokens per sample)."},
+    )
+    loss_weighting: str = field(
+        default="mean",
+        metadata={"help": "'mean': plain mean over supervised tokens (dFactory). 'elbo': weight 1/t per sample "
+                          "(the MDLM ELBO)."},
+    )
+    mask_token_id: int | None = field(
+        default=None,
+        metadata={"help": "Id of the mask token. Default: the tokenizer's mask token; refused when it has none."},
+    )
+    min_masked_tokens: int = field(
+        default=1,
+        metadata={"help": "Each document masks at least this many response tokens (>= 0), so none is left "
+                          "unsupervised by chance."},
+    )
+    loss_chunk_size: int | None = field(
+        default=4096,
+        metadata={"help": "Supervised rows per fp32 cross-entropy chunk (recomputed in backward), bounding the "
+                          "fp32 logits memory to chunk x vocab. None: one chunk."},
+    )
+    # --- data --------------------------------------------------------------------------------------------
+    max_seq_len: int = field(
+        default=2048,
+        metadata={"help": "Longest document, and the row length for packing (a multiple of block_size). In block "
+                          "diffusion mode the model sees 2 x max_seq_len tokens per row."},
+    )
+    overlong_document_policy: str = field(
+        default="skip",
+        metadata={"help": "Documents longer than max_seq_len: 'skip' (counted and reported) or 'truncate' the "
+                          "response to fit (counted and reported). Prompts longer than max_seq_len are skipped."},
+    )
+    pad_to_max_seq_len: bool = field(
+        default=False,
+        metadata={"help": "Pad every row to max_seq_len, as the public recipe does (the baseline; wasteful). "
+                          "Default: pad to the batch's longest row rounded up to block_size."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack whole documents into rows of max_seq_len with a document-level mask (no padding "
+                          "between documents); batches come from the token-budget sampler."},
+    )
+    max_tokens_per_micro_batch: int | None = field(
+        default=None,
+        metadata={"help": "Token budget per micro-batch for dynamic batching (sum of document lengths; >= "
+                          "max_seq_len). Default with packing: per_device_train_batch_size x max_seq_len. Setting "
+                          "it without packing batches padded rows by padded cost."},
+    )
+    dynamic_batching_buffer_size: int = field(
+        default=512, metadata={"help": "Documents considered at once for best-fit batching (>= 1)."}
+    )
+    batch_warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training (micro-batches, in [0, 1)) over which the token budget ramps "
+                          "linearly from batch_warmup_initial_tokens to max_tokens_per_micro_batch."},
+    )
+    batch_warmup_initial_tokens: int | None = field(
+        default=None, metadata={"help": "Token budget at the start of batch-size warmup (default: max_seq_len)."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
+    # --- evaluation -----------------------------------------------------------------------------------------
+    eval_mask_rates: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9],
+        metadata={"help": "Fixed grid of mask rates t for the held-out Monte-Carlo ELBO / perplexity estimate; "
+                          "per-t losses are logged. Empty list disables it."},
+    )
+    eval_generation_samples: int = field(
+        default=0,
+        metadata={"help": "Held-out rows (with an `answer` column) to answer by generation at each evaluation, "
+                          "logging exact-match accuracy. 0 disables it."},
+    )
+    eval_gen_length: int = field(default=64, metadata={"help": "Tokens generated per evaluation answer."})
+    eval_gen_threshold: float = field(
+        default=0.9, metadata={"help": "Confidence threshold for committing tokens during evaluation generation."}
+    )
+    # --- LoRA ---------------------------------------------------------------------------------------------
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["query_key_value", "dense"],
+        metadata={"help": "Module names that get adapters (LLaDA2 attention: query_key_value, dense; dense MLP "
+                          "and shared experts: gate_proj, up_proj, down_proj) or 'all-linear'."},
+    )
+
+    def __post_init__(self):
+        # Our collators emit columns the model's forward does not name (prompt_length, noisy_input_ids, ...).
+        self.remove_unused_columns = False
+        super().__post_init__()
+        self.validate_diffusion_fields()
+
+    def validate_diffusion_fields(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size ({self.block_size}) must be > 0; LLaDA2 uses 32.")
+        if self.max_seq_len <= 0 or self.max_seq_len % self.block_size:
+            fix = (self.max_seq_len // self.block_size + 1) * self.block_size
+            raise ValueError(
+                f"max_seq_len ({self.max_seq_len}) must be a positive multiple of block_size ({self.block_size}); "
+                f"use {max(fix, self.block_size)}."
+            )
+        validate_noise_range(self.noise_range_low, self.noise_range_high)
+        if self.confidence_beta < 0:
+            raise ValueError(f"confidence_beta ({self.confidence_beta}) must be >= 0; 0 disables CAP.")
+        if self.loss_weighting not in LOSS_WEIGHTING_MODES:
+            raise ValueError(f"loss_weighting ({self.loss_weighting!r}) must be one of {LOSS_WEIGHTING_MODES}.")
+        if self.overlong_document_policy not in OVERLONG_POLICIES:
+            raise ValueError(
+                f"overlong_document_policy ({self.overlong_document_policy!r}) must be one of {OVERLONG_POLICIES}."
+            )
+        if self.min_masked_tokens < 0:
+            raise ValueError(f"min_masked_tokens ({self.min_masked_tokens}) must be >= 0.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
+            raise ValueError(f"loss_chunk_size ({self.loss_chunk_size}) must be > 0, or None for one chunk.")
+        if self.packing and self.pad_to_max_seq_len:
+            raise ValueError("packing=True and pad_to_max_seq_len=True exclude each other; choose one.")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < self.max_seq_len:
+            raise ValueError(
+                f"max_tokens_per_micro_batch ({self.max_tokens_per_micro_batch}) must be >= max_seq_len "
+                f"({self.max_seq_len}) so the longest allowed document fits; raise it or lower max_seq_len."
+            )
+        if self.dynamic_batching_buffer_size < 1:
+            raise ValueError(f"dynamic_batching_buffer_size ({self.dynamic_batching_buffer_size}) must be >= 1.")
+        if not 0.0 <= self.batch_warmup_ratio < 1.0:
+            raise ValueError(f"batch_warmup_ratio ({self.batch_warmup_ratio}) must be in [0, 1).")
+        if self.batch_warmup_initial_tokens is not None and self.batch_warmup_initial_tokens < self.max_seq_len:
+            raise ValueError(
+                f"batch_warmup_initial_tokens ({self.batch_warmup_initial_tokens}) must be >= max_seq_len "
+                f"({self.max_seq_len}) so every document fits from the first step."
+            )
+        if any(not 0.0 < t <= 1.0 for t in self.eval_mask_rates):
+            raise ValueError(f"eval_mask_rates ({self.eval_mask_rates}) must all lie in (0, 1].")
+        if self.eval_generation_samples < 0 or self.eval_gen_length <= 0:
+            raise ValueError(
+                f"eval_generation_samples ({self.eval_generation_samples}) must be >= 0 and eval_gen_length "
+                f"({self.eval_gen_length}) > 0."
+            )
+        if self.dataloader_persistent_workers:
+            raise ValueError(
+                "dataloader_persistent_workers=True would freeze the collator's epoch inside the workers, so every "
+                "epoch would reuse the same noise; set it to False."
+            )
+        if self.use_peft and self.lora_r <= 0:
+            raise ValueError(f"lora_r ({self.lora_r}) must be > 0 with use_peft.")
+
+    @property
+    def uses_token_budget(self) -> bool:
+        return self.packing or self.max_tokens_per_micro_batch is not None
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens per micro-batch on the token-budget path."""
+        if self.max_tokens_per_micro_batch is not None:
+            return self.max_tokens_per_micro_batch
+        return self.per_device_train_batch_size * self.max_seq_len
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments) -> DiffusionTrainingArguments:
+        """Plain `TrainingArguments` (an existing HF script) -> ours, with the diffusion defaults."""
+        if isinstance(args, cls):
+            return args
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # `to_dict` masks secrets
+        init_names = {f.name for f in fields(TrainingArguments) if f.init}
+        return cls(**{name: value for name, value in values.items() if name in init_names})

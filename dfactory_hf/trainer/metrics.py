@@ -1,0 +1,67 @@
+"""Diffusion training metrics, summed on device between two logging events and reduced across ranks.
+
+Logged (prefix `train_` is added by the caller only where Trainer expects it):
+- `ce_loss`: unweighted cross-entropy per supervised token; `cap_loss`: CAP entropy term per supervised token
+  (before `confidence_beta`); `masked_token_accuracy`; `mean_mask_rate` (mean t over documents);
+- `model_tokens_per_second`: every token the model processed (B x 2L in block diffusion, padding included),
+  `real_tokens_per_second`: document tokens, each counted once; `padding_fraction` of the rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from .forward import StepOutput
+
+KEYS = ("supervised", "ce_sum", "cap_sum", "correct", "model_tokens", "row_tokens", "real_tokens",
+        "mask_rate_sum", "documents")
+
+
+class MetricWindow:
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(KEYS, 0.0)
+        self.start = time.perf_counter()
+        self.num_steps = 0
+
+    def add(self, step: StepOutput, *, row_tokens: int) -> None:
+        loss = step.loss
+        values = {
+            "supervised": loss.num_tokens,
+            "ce_sum": loss.ce_sum.detach(),
+            "cap_sum": loss.cap_sum.detach(),
+            "correct": loss.num_correct,
+            "model_tokens": step.num_model_tokens,
+            "row_tokens": row_tokens,
+            "real_tokens": step.num_real_tokens,
+            "mask_rate_sum": step.mask_rate_sum.detach(),
+            "documents": step.num_documents,
+        }
+        for key, value in values.items():
+            self.sums[key] = self.sums[key] + value
+        self.num_steps += 1
+
+    def summary(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                device: torch.device | str = "cpu") -> dict[str, float]:
+        """Derived metrics; `reduce_sum` sums a 1-D tensor over ranks (all ranks must call it together)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        stacked = torch.stack([torch.as_tensor(self.sums[key], dtype=torch.float64, device=device) for key in KEYS])
+        if reduce_sum is not None:
+            stacked = reduce_sum(stacked)
+        s = dict(zip(KEYS, stacked.tolist()))
+        supervised = max(s["supervised"], 1.0)
+        return {
+            "ce_loss": s["ce_sum"] / supervised,
+            "cap_loss": s["cap_sum"] / supervised,
+            "masked_token_accuracy": s["correct"] / supervised,
+            "mean_mask_rate": s["mask_rate_sum"] / max(s["documents"], 1.0),
+            "supervised_tokens": s["supervised"],
+            "model_tokens_per_second": s["model_tokens"] / elapsed,
+            "real_tokens_per_second": s["real_tokens"] / elapsed,
+            "padding_fraction": 1.0 - s["real_tokens"] / max(s["row_tokens"], 1.0),
+        }

@@ -1,0 +1,341 @@
+"""`DiffusionTrainer`: block-diffusion (and masked-diffusion) SFT as a `transformers.Trainer` subclass.
+
+Drop-in for `Trainer` in an existing script (`from dfactory_hf import DiffusionTrainer as Trainer`): plain
+`TrainingArguments` are upgraded to `DiffusionTrainingArguments` with the diffusion defaults, raw chat /
+prompt-completion / pre-tokenized datasets are turned into documents, and the collator, sampler, loss,
+metrics and evaluation are the diffusion ones. Each override below says why it exists.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers.trainer_utils import EvalLoopOutput
+
+from ..data.collators import PackingCollator, PaddingCollator
+from ..data.preprocessing import DataReport, prepare_dataset, save_report
+from ..data.sampler import TokenBudgetBatchSampler
+from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
+from .config import DiffusionTrainingArguments
+from .evaluation import evaluate_elbo, evaluate_generation
+from .forward import DiffusionObjective, diffusion_step
+from .metrics import MetricWindow
+
+MASK_ATTENTION_BACKENDS = ("sdpa", "eager", "flex_attention")
+
+
+class DiffusionTrainer(Trainer):
+    # The loss is normalised by the supervised-token count of the whole optimizer step (all gradient
+    # accumulation micro-batches, all ranks): Trainer must not divide it again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, **kwargs):
+        if args is None:
+            args = DiffusionTrainingArguments(output_dir="outputs/dfactory_hf")
+        args = DiffusionTrainingArguments.from_training_arguments(args)
+        if isinstance(model, str):
+            model_path = model
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(model_path)
+        if model is None:
+            raise ValueError("DiffusionTrainer needs a model (a PreTrainedModel or a checkpoint path).")
+        if processing_class is None:
+            raise ValueError("DiffusionTrainer needs processing_class=<tokenizer> (mask, EOS and pad tokens).")
+        tokenizer = processing_class
+        self.mask_token_id = resolve_mask_token_id(args, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        _check_attention_backend(model, args, training=train_dataset is not None)
+
+        self.data_reports: list[DataReport] = []
+        train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self._prepare(ds, tokenizer, args, f"eval/{name}") for name, ds in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        if args.complementary_masking and _has_given_noise(train_dataset):
+            raise ValueError("complementary_masking=True cannot apply to a dataset that brings its own "
+                             "noisy_input_ids; set complementary_masking=False.")
+
+        if data_collator is None:
+            data_collator = build_collator(args, mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id)
+        self._eval_collator = build_collator(args, mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id,
+                                             seed=args.seed + 1)
+        if args.use_peft or peft_config is not None:
+            model = apply_lora(model, args, peft_config)
+
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self.objective = DiffusionObjective.from_args(self.args)
+        self._train_window = MetricWindow()
+        self._eval_window: MetricWindow | None = None
+        self._train_batch_sampler: TokenBudgetBatchSampler | None = None
+
+    # --- data -------------------------------------------------------------------------------------------------
+
+    def _prepare(self, dataset, tokenizer, args, split: str):
+        if dataset is None:
+            return None
+        dataset, report = prepare_dataset(
+            dataset, tokenizer, block_size=args.block_size, max_seq_len=args.max_seq_len,
+            mask_token_id=self.mask_token_id, overlong_policy=args.overlong_document_policy,
+            num_proc=args.dataset_num_proc, split=split,
+        )
+        self.data_reports.append(report)
+        if report.skipped or report.num_truncated:
+            print(report.summary())
+        return dataset
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Packing / token budgets: variable-size micro-batches through Trainer's BatchRebalanceSampler path.
+        if not self.args.uses_token_budget:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        copies = 2 if self.args.complementary_masking else 1
+        budget = self.args.token_budget
+        warmup_steps, warmup_tokens = 0, None
+        if self.args.batch_warmup_ratio > 0:
+            warmup_steps = max(1, round(self.args.batch_warmup_ratio * self._planned_optimizer_steps(dataset)))
+            warmup_tokens = self.args.batch_warmup_initial_tokens or self.args.max_seq_len * copies
+        self._train_batch_sampler = TokenBudgetBatchSampler(
+            lengths=[n * copies for n in dataset["num_tokens"]],
+            max_tokens_per_micro_batch=budget,
+            data_parallel_rank=self.args.process_index,
+            data_parallel_size=self.args.world_size,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            buffer_size=self.args.dynamic_batching_buffer_size,
+            micro_batches_per_step=self.args.gradient_accumulation_steps,
+            warmup_initial_tokens=warmup_tokens,
+            num_warmup_steps=warmup_steps,
+            padded=not self.args.packing,
+        )
+        return self._train_batch_sampler
+
+    def _planned_optimizer_steps(self, dataset) -> int:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        tokens = sum(dataset["num_tokens"]) * (2 if self.args.complementary_masking else 1)
+        per_step = self.args.token_budget * self.args.world_size * self.args.gradient_accumulation_steps
+        return max(1, math.ceil(self.args.num_train_epochs * tokens / per_step))
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # Evaluation noise is pinned (its own collator, epoch 0) so held-out losses compare across evaluations.
+        train_collator, self.data_collator = self.data_collator, self._eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs):
+        # Trainer does not reach a custom batch sampler's set_epoch after wrapping it for resume, the collator's
+        # noise depends on the epoch, and token-budget epochs differ in length: set all three here.
+        if hasattr(self.data_collator, "set_epoch"):
+            self.data_collator.set_epoch(epoch)
+        if self._train_batch_sampler is not None:
+            self._train_batch_sampler.set_epoch(epoch)
+            steps_in_epoch = len(self._train_batch_sampler)
+            num_update_steps_per_epoch = max(1, math.ceil(steps_in_epoch / self.args.gradient_accumulation_steps))
+        return super()._run_epoch(model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch,
+                                  *args, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        # Token-budget epochs differ in length, so the resumed (epoch, micro-batch) comes from the sampler's plans.
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        if self._train_batch_sampler is not None and self.state.global_step > 0:
+            micro_batches = self.state.global_step * self.args.gradient_accumulation_steps
+            epochs_trained, steps_trained = self._train_batch_sampler.locate_micro_batch(micro_batches)
+            if self.args.ignore_data_skip:
+                steps_trained = 0
+        return epochs_trained, steps_trained
+
+    def set_initial_training_values(self, args, dataloader):
+        values = list(super().set_initial_training_values(args, dataloader))
+        if self._train_batch_sampler is not None and args.max_steps > 0:
+            # Later epochs can be shorter than the first; count epochs with the sampler's own plans.
+            values[0] = _epochs_to_cover(self._train_batch_sampler, args.max_steps * args.gradient_accumulation_steps)
+        return tuple(values)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Trainer resumes with a plain load_state_dict of the saved file; our checkpoints are in the hub's
+        # per-expert layout, which that would silently drop. Convert them (plain, unsharded models only).
+        model = model if model is not None else self.model
+        if self._loads_hub_layout(model):
+            load_checkpoint_weights(model, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        # Same reason as _load_from_checkpoint.
+        if self._loads_hub_layout(self.model):
+            load_checkpoint_weights(self.model, self.state.best_model_checkpoint)
+            return
+        super()._load_best_model()
+
+    def _loads_hub_layout(self, model) -> bool:
+        return (isinstance(model, LLaDA2MoePreTrainedModel) and not self.is_fsdp_enabled
+                and not self.is_deepspeed_enabled)
+
+    # --- loss -------------------------------------------------------------------------------------------------
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # Trainer counts labels != -100 assuming shifted labels; ours are unshifted (or shifted by us) and the
+        # loss is normalised by exactly the positions it supervises, summed over the step and all ranks.
+        if not batch_samples:
+            return None
+        count = sum(int(self.objective.supervised(batch)[0].sum()) for batch in batch_samples)
+        count = torch.tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The diffusion objective: [x_t ; x_0] through the model with the block-diffusion mask, cross-entropy
+        # at the supervised x_t positions only.
+        step = diffusion_step(model, inputs, self.objective, attn_implementation=self._attn_implementation(model),
+                              mask_dtype=self._mask_dtype(model), num_items=num_items_in_batch)
+        loss = step.loss.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # undo DDP/FSDP gradient averaging: a global token mean
+        window = self._train_window if model.training else self._eval_window
+        if window is not None:
+            window.add(step, row_tokens=inputs["input_ids"].numel())
+        return (loss, step) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Diffusion batches have no model-side loss or labels to compare; evaluation metrics are accumulated
+        # in the eval window instead.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # --- evaluation and logging ---------------------------------------------------------------------------------
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval") -> EvalLoopOutput:
+        self._eval_window = MetricWindow()
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            summary = self._eval_window.summary(self._reduce_sum, device=self.args.device)
+        finally:
+            self._eval_window = None
+        metrics = output.metrics
+        # Token-weighted held-out loss (Trainer's own is a mean of per-batch means).
+        metrics[f"{metric_key_prefix}_loss"] = summary["ce_loss"]
+        metrics[f"{metric_key_prefix}_masked_token_accuracy"] = summary["masked_token_accuracy"]
+        metrics[f"{metric_key_prefix}_supervised_tokens"] = summary["supervised_tokens"]
+        if self.args.eval_mask_rates:
+            metrics.update(evaluate_elbo(self, dataloader.dataset, prefix=metric_key_prefix))
+        if self.args.eval_generation_samples > 0:
+            metrics.update(evaluate_generation(self, dataloader.dataset, prefix=metric_key_prefix))
+        return output
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Add the diffusion metrics of the steps since the last log; every rank reaches this together.
+        if "loss" in logs and self._train_window.num_steps > 0:
+            summary = self._train_window.summary(self._reduce_sum, device=self.args.device)
+            logs.update({key: round(value, 6) for key, value in summary.items()})
+            self._train_window.reset()
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        # Data problems were skipped and counted; report them at the end, where the user looks.
+        if self.data_reports and self.is_world_process_zero():
+            for report in self.data_reports:
+                if report.skipped or report.num_truncated:
+                    print(report.summary())
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            save_report(self.data_reports, os.path.join(self.args.output_dir, "data_report.json"))
+        return output
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.args.world_size > 1:
+            return self.accelerator.reduce(tensor.to(self.args.device), reduction="sum")
+        return tensor
+
+    def _attn_implementation(self, model) -> str:
+        return self.accelerator.unwrap_model(model).config._attn_implementation
+
+    def _mask_dtype(self, model) -> torch.dtype:
+        if self.args.bf16:
+            return torch.bfloat16
+        if self.args.fp16:
+            return torch.float16
+        return self.accelerator.unwrap_model(model).dtype
+
+
+def resolve_mask_token_id(args: DiffusionTrainingArguments, tokenizer) -> int:
+    mask_token_id = args.mask_token_id if args.mask_token_id is not None else tokenizer.mask_token_id
+    if mask_token_id is None:
+        raise ValueError(
+            "The tokenizer has no mask token and --mask_token_id is not set; set tokenizer.mask_token "
+            "(e.g. '<|mask|>') or pass --mask_token_id <id> (LLaDA2.0 uses 156895)."
+        )
+    vocab = len(tokenizer)
+    if not 0 <= mask_token_id < max(vocab, 1):
+        raise ValueError(f"mask_token_id ({mask_token_id}) is outside the tokenizer's vocabulary (size {vocab}).")
+    return mask_token_id
+
+
+def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_token_id: int, seed: int | None = None):
+    common = dict(
+        mask_token_id=mask_token_id,
+        pad_token_id=pad_token_id,
+        block_size=args.block_size,
+        noise_range_low=args.noise_range_low,
+        noise_range_high=args.noise_range_high,
+        complementary_masking=args.complementary_masking,
+        min_masked_tokens=args.min_masked_tokens,
+        seed=args.seed if seed is None else seed,
+    )
+    if args.packing:
+        return PackingCollator(**common, max_seq_len=args.max_seq_len)
+    return PaddingCollator(**common, max_seq_len=args.max_seq_len, pad_to_max_seq_len=args.pad_to_max_seq_len)
+
+
+def apply_lora(model, args: DiffusionTrainingArguments, peft_config=None):
+    from peft import LoraConfig, get_peft_model
+
+    if peft_config is None:
+        targets = args.lora_target_modules
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+        )
+    return get_peft_model(model, peft_config)
+
+
+def _epochs_to_cover(sampler: TokenBudgetBatchSampler, num_micro_batches: int) -> int:
+    epochs, covered = 0, 0
+    while covered < num_micro_batches:
+        covered += sampler.num_micro_batches(epochs)
+        epochs += 1
+    return epochs
+
+
+def _has_given_noise(dataset) -> bool:
+    return dataset is not None and "noisy_input_ids" in dataset.column_names
+
+
+def _check_attention_backend(model, args, *, training: bool) -> None:
+    implementation = model.config._attn_implementation
+    if implementation not in MASK_ATTENTION_BACKENDS:
+        raise ValueError(
+            f"attn_implementation ({implementation!r}) cannot take the block-diffusion mask; load the model with "
+            f"attn_implementation in {MASK_ATTENTION_BACKENDS} (flex_attention on GPU, sdpa elsewhere)."
+        )
+    if training and implementation == "flex_attention" and args.device.type == "cpu":
+        raise ValueError("flex_attention has no backward pass on CPU; train on CPU with attn_implementation='sdpa' "
+                         "(flex_attention is the GPU path).")

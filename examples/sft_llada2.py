@@ -1,0 +1,161 @@
+"""Block-diffusion SFT of LLaDA2 with transformers.Trainer.
+
+With no arguments it runs the embedded demo on a CPU in a few minutes: the shipped `tiny` LLaDA2-MoE config
+trained from scratch with the shipped character tokenizer on generated arithmetic conversations, using the
+recipe `configs/sft/tiny.yaml`; it ends with a results table, generated answers to held-out problems and a
+checkpoint that `AutoModelForCausalLM.from_pretrained` reloads::
+
+    accelerate launch examples/sft_llada2.py            # or: python examples/sft_llada2.py
+
+Real runs (LLaDA2.0-mini on GPUs with FSDP2; the public recipe's values are in configs/sft/)::
+
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/sft_llada2.py \\
+        --config configs/sft/llada2_mini_bd_sft.yaml \\
+        --model_name_or_path inclusionAI/LLaDA2.0-mini --dataset_path data/train.jsonl
+
+Every `DiffusionTrainingArguments` / `TrainingArguments` field is a flag (`--block_size 32`,
+`--packing true`, `--use_peft true --lora_r 16`), and `--config recipe.yaml` sets many at once; flags given on
+the command line override the recipe. Method: REFERENCE.md sections 1-2 (in the design notes of the repo).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict, load_dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+import dfactory_hf  # noqa: F401  (registers llada2_moe with the Auto classes)
+from dfactory_hf import DiffusionTrainer, DiffusionTrainingArguments
+from dfactory_hf.data.arithmetic import make_arithmetic_dataset
+from dfactory_hf.data.tokenizer import DEMO_TOKENIZER_PATH
+from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config
+from dfactory_hf.trainer.evaluation import generate_answers
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "sft" / "tiny.yaml"
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Checkpoint to fine-tune. Default: the shipped config, from scratch."}
+    )
+    model_config: str = field(default="tiny", metadata={"help": "Shipped config used without a checkpoint."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Default: the checkpoint's tokenizer, else the shipped demo tokenizer."}
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa (CPU and GPU), flex_attention (GPU) or eager."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset name for datasets.load_dataset."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "A json / jsonl / parquet file, or a directory saved by save_to_disk."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split (skipped if absent)."})
+    num_train_samples: int = field(default=10000, metadata={"help": "Generated conversations (embedded data; add2 has 12k distinct problems)."})
+    num_test_samples: int = field(default=200, metadata={"help": "Generated held-out conversations."})
+    arithmetic_task: str = field(default="add2", metadata={"help": "Embedded data task: add2, word or mixed."})
+    final_generation_samples: int = field(
+        default=100, metadata={"help": "Held-out problems answered by generation after training (0: none)."}
+    )
+
+
+def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
+    if script.dataset_path:
+        path = Path(script.dataset_path)
+        if path.is_dir():
+            data = load_from_disk(str(path))
+        else:
+            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+            if kind is None:
+                raise ValueError(f"--dataset_path ({path}) must be .json, .jsonl, .parquet or a save_to_disk folder.")
+            data = load_dataset(kind, data_files=str(path))
+        return data if isinstance(data, DatasetDict) else DatasetDict({script.dataset_train_split: data})
+    if script.dataset_name:
+        return load_dataset(script.dataset_name, script.dataset_config)
+    return make_arithmetic_dataset(script.num_train_samples, script.num_test_samples, seed=seed,
+                                   task=script.arithmetic_task)
+
+
+def load_model_and_tokenizer(script: ScriptArguments, args: DiffusionTrainingArguments):
+    tokenizer_path = script.tokenizer_name_or_path or script.model_name_or_path or DEMO_TOKENIZER_PATH
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if script.model_name_or_path:
+        dtype = torch.bfloat16 if args.bf16 else "auto"
+        model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, dtype=dtype,
+                                                     attn_implementation=script.attn_implementation)
+    else:
+        torch.manual_seed(args.seed)
+        config = shipped_config(script.model_config, vocab_size=max(len(tokenizer), 128),
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        config._attn_implementation = script.attn_implementation
+        model = LLaDA2MoeForCausalLM(config)
+    return model, tokenizer
+
+
+def results_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {name.ljust(width)} | {value} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_RECIPE), *argv]
+    parser = TrlParser((ScriptArguments, DiffusionTrainingArguments))
+    script, args = parser.parse_args_and_config(argv)
+
+    data = load_data(script, args.seed)
+    model, tokenizer = load_model_and_tokenizer(script, args)
+    eval_split = data.get(script.dataset_test_split)
+    trainer = DiffusionTrainer(model=model, args=args, train_dataset=data[script.dataset_train_split],
+                               eval_dataset=eval_split, processing_class=tokenizer)
+    start_metrics = trainer.evaluate() if eval_split is not None else {}
+    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    end_metrics = trainer.evaluate() if eval_split is not None else {}
+    trainer.save_model(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+
+    results = {"train_loss": train_output.training_loss, **{f"start_{k}": v for k, v in start_metrics.items()},
+               **end_metrics}
+    rows = [("train loss (mean over run)", f"{train_output.training_loss:.4f}")]
+    if end_metrics:
+        rows += [
+            ("held-out loss (start -> end)", f"{start_metrics['eval_loss']:.4f} -> {end_metrics['eval_loss']:.4f}"),
+            ("held-out masked-token accuracy (start -> end)",
+             f"{start_metrics['eval_masked_token_accuracy']:.3f} -> {end_metrics['eval_masked_token_accuracy']:.3f}"),
+        ]
+        if "eval_elbo_perplexity" in end_metrics:
+            rows.append(("held-out ELBO perplexity bound", f"{end_metrics['eval_elbo_perplexity']:.3f}"))
+    if eval_split is not None and script.final_generation_samples > 0 and "answer" in trainer.eval_dataset.column_names:
+        records = generate_answers(
+            trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.eval_dataset,
+            num_samples=script.final_generation_samples, gen_length=args.eval_gen_length,
+            block_length=args.block_size, threshold=args.eval_gen_threshold, mask_token_id=trainer.mask_token_id,
+            batch_size=args.per_device_eval_batch_size,
+        )
+        accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
+        results["final_exact_match"] = accuracy
+        rows.append((f"held-out exact match ({len(records)} problems, generated)", f"{accuracy:.1%}"))
+        if trainer.is_world_process_zero():
+            print("\nSamples (prompt -> generated answer):")
+            for record in records[:5]:
+                mark = "ok " if record["correct"] else "bad"
+                print(f"  [{mark}] {record['prompt']!r} -> {record['completion']!r}")
+    rows.append(("runtime (train)", f"{train_output.metrics['train_runtime']:.0f} s"))
+    rows.append(("checkpoint", args.output_dir))
+    if trainer.is_world_process_zero():
+        print("\n" + results_table(rows))
+    return results
+
+
+if __name__ == "__main__":
+    main()
