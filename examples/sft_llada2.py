@@ -20,6 +20,7 @@ the command line override the recipe. Method: REFERENCE.md sections 1-2 (in the 
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class ScriptArguments:
         default=None, metadata={"help": "Checkpoint to fine-tune. Default: the shipped config, from scratch."}
     )
     model_config: str = field(default="tiny", metadata={"help": "Shipped config used without a checkpoint."})
+    model_config_overrides: str | None = field(
+        default=None, metadata={"help": 'JSON object of config fields to change, e.g. \'{"num_hidden_layers": 6}\'.'}
+    )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Default: the checkpoint's tokenizer, else the shipped demo tokenizer."}
     )
@@ -92,8 +96,10 @@ def load_model_and_tokenizer(script: ScriptArguments, args: DiffusionTrainingArg
                                                      attn_implementation=script.attn_implementation)
     else:
         torch.manual_seed(args.seed)
-        config = shipped_config(script.model_config, vocab_size=max(len(tokenizer), 128),
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        overrides = json.loads(script.model_config_overrides) if script.model_config_overrides else {}
+        config = shipped_config(script.model_config, **{"vocab_size": max(len(tokenizer), 128),
+                                "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                **overrides})
         config._attn_implementation = script.attn_implementation
         model = LLaDA2MoeForCausalLM(config)
     return model, tokenizer

@@ -17,7 +17,6 @@ from model_helpers import tiny_model
 
 import dfactory_hf
 from dfactory_hf import generate
-from dfactory_hf.generation import sampler
 from dfactory_hf.generation.decoding import pick_tokens, select_positions_to_commit, transfer_schedule
 
 MASK, EOS = 2, 1  # the shipped tokenizer's ids
@@ -102,7 +101,8 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, token_at, confidence: dict[int, float], default_confidence: float = 0.5, vocab: int = 64):
         super().__init__()
         self.config = SimpleNamespace(max_position_embeddings=1024)
-        self.token_at, self.confidence, self.default_confidence, self.vocab = token_at, confidence, default_confidence, vocab
+        self.token_at, self.confidence, self.vocab = token_at, confidence, vocab
+        self.default_confidence = default_confidence
         self.calls: list[torch.Tensor] = []
 
     @property
@@ -172,32 +172,31 @@ def test_gen_length_caps_the_answer_and_a_block_ending_past_it_is_still_whole():
 # ---------------------------------------------------------------------------------------- tiny real model
 
 
-def count_commit_paths(monkeypatch) -> dict[str, int]:
-    paths = {"threshold": 0, "fallback": 0}
+class CommitPaths:
+    """on_step observer counting (row, step) decisions taken by the threshold rule and by the fallback."""
 
-    def recording_select(confidence, still_masked, num_scheduled, threshold):
-        passing = (still_masked & (confidence > threshold)).sum(dim=-1)
-        active = still_masked.any(dim=-1)
-        paths["threshold"] += int((active & (passing >= num_scheduled) & (passing > 0)).sum())
-        paths["fallback"] += int((active & (passing < num_scheduled)).sum())
-        return select_positions_to_commit(confidence, still_masked, num_scheduled, threshold)
+    def __init__(self, threshold: float):
+        self.threshold, self.by_threshold, self.by_fallback = threshold, 0, 0
 
-    monkeypatch.setattr(sampler, "select_positions_to_commit", recording_select)
-    return paths
+    def __call__(self, step) -> None:
+        active = step.still_masked.any(dim=-1)
+        passing = step.still_masked & (step.confidence > self.threshold)
+        by_threshold = active & passing.any(dim=-1) & (step.committed == passing).all(dim=-1)
+        self.by_threshold += int(by_threshold.sum())
+        self.by_fallback += int((active & ~by_threshold).sum())
 
 
 @pytest.mark.parametrize("lengths", [(5,), (5, 19, 11)])  # no prefill (empty cache); a 2-block prefill with padding
-def test_cached_decoding_matches_recomputing(model, monkeypatch, lengths):
-    paths = count_commit_paths(monkeypatch)
+def test_cached_decoding_matches_recomputing(model, lengths):
+    paths = CommitPaths(threshold=0.1)
     prompts = ragged_prompts(lengths)
     settings = dict(gen_length=20, block_length=8, steps=4, threshold=0.1, eos_token_id=None, mask_token_id=MASK)
-    cached = generate(model, prompts, use_cache=True, **settings)
+    cached = generate(model, prompts, use_cache=True, on_step=paths, **settings)
     recomputed = generate(model, prompts, use_cache=False, **settings)
     assert cached == recomputed
     assert all(len(row) == 20 for row in cached)
-    assert all(MASK not in row for row in cached)
     assert all(len(set(row)) > 2 for row in cached), "a random model should not emit one token over and over"
-    assert paths["threshold"] > 0 and paths["fallback"] > 0
+    assert paths.by_threshold > 0 and paths.by_fallback > 0
 
 
 def test_batch_equals_one_at_a_time(model):

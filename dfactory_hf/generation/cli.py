@@ -28,7 +28,8 @@ def add_generate_command(subparsers) -> None:
                          help="user message; repeat the flag to decode several prompts as one batch")
     command.add_argument("--system", help="optional system message put before every prompt")
     command.add_argument("--gen_length", type=int, default=256, help="most tokens generated per prompt")
-    command.add_argument("--block_length", type=int, default=32, help="tokens per diffusion block (the training block size)")
+    command.add_argument("--block_length", type=int, default=32,
+                         help="tokens per diffusion block (the training block size)")
     command.add_argument("--steps", type=int, default=32, help="most denoising steps per block")
     command.add_argument("--threshold", type=float, default=0.95,
                          help="commit a position early once its token's probability exceeds this, in (0, 1]")
@@ -48,7 +49,8 @@ def build_prompt_ids(tokenizer, prompts: list[str], system: str | None) -> list[
     rows = []
     for prompt in prompts:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        rows.append(list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        rows.append(list(ids))
     return rows
 
 

@@ -46,7 +46,8 @@ def select_positions_to_commit(
 
     ranked = confidence.float().masked_fill(~still_masked, float("-inf"))
     order = ranked.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # rank[..., i]: 0 for the most confident
     most_confident = still_masked & (rank < num_scheduled.unsqueeze(-1))
 
     return torch.where(enough_above.unsqueeze(-1), above_threshold, most_confident)

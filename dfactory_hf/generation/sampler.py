@@ -36,8 +36,24 @@ BlockCallback = Callable[[list[list[int]], int], None]
 
 
 @dataclass
+class DenoisingStep:
+    """What one denoising step saw and decided, for `generate(on_step=...)` (visualisation, debugging).
+
+    All [B, L] over the current block, except `logits` [B, L, V]; rows that are done have nothing masked.
+    """
+
+    block_index: int  # generated blocks counted from 0
+    step: int
+    logits: torch.Tensor
+    tokens: torch.Tensor  # the picked token at every position
+    confidence: torch.Tensor  # its probability
+    still_masked: torch.Tensor  # bool: masked before this step
+    committed: torch.Tensor  # bool: committed by this step
+
+
+@dataclass
 class Canvas:
-    """The batch laid out on whole blocks: `tokens`, `position_ids`, `is_real` and `answer` are [B, num_blocks * L]."""
+    """The batch laid out on whole blocks; every tensor but `row_last_block` is [B, num_blocks * block_length]."""
 
     tokens: torch.Tensor  # prompt, then mask tokens; left padding holds mask tokens too (never attended)
     position_ids: torch.Tensor  # 0 at each row's first prompt token, 0 on padding
@@ -158,6 +174,7 @@ def _decode(
     use_cache: bool,
     generator: torch.Generator | None,
     on_block_committed: BlockCallback | None,
+    on_step: Callable[[DenoisingStep], None] | None,
 ) -> list[list[int]]:
     block_length = canvas.block_length
     batch = canvas.tokens.shape[0]
@@ -187,11 +204,14 @@ def _decode(
             )
             commit = select_positions_to_commit(confidence, still_masked, schedule[:, step], threshold)
             block_tokens.copy_(torch.where(commit, tokens, block_tokens))
-            still_masked &= ~commit
+            if on_step is not None:
+                block_index = block - canvas.first_block
+                on_step(DenoisingStep(block_index, step, logits, tokens, confidence, still_masked, commit))
+            still_masked = still_masked & ~commit  # not in place: on_step may keep the previous tensor
             if eos_early_stop:
                 stopped = _eos_stopped(canvas, eos_token_id, end, mask_token_id=mask_token_id) & ~done
                 done |= stopped
-                still_masked &= ~stopped[:, None]
+                still_masked = still_masked & ~stopped[:, None]
         assert not still_masked.any(), "the transfer schedule commits every masked position within `steps` steps"
 
         done |= _eos_stopped(canvas, eos_token_id, end, mask_token_id=mask_token_id)
@@ -228,6 +248,7 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_block_committed: BlockCallback | None = None,
+    on_step: Callable[[DenoisingStep], None] | None = None,
 ) -> list[list[int]]:
     """Generate up to `gen_length` tokens after each prompt by block diffusion; returns one id list per prompt.
 
@@ -239,10 +260,12 @@ def generate(
     position's token must exceed to be committed early (REFERENCE 3 defaults 32 / 32 / 0.95).
     temperature 0 is greedy; > 0 samples after top-k / top-p filtering, drawing from `generator` when given.
     eos_early_stop: stop a row as soon as it commits an EOS with no mask before it, instead of after its block.
-    use_cache: reuse the keys/values of committed blocks (same tokens as recomputing, far fewer FLOPs).
+    use_cache: reuse the keys/values of committed blocks (the same tokens as recomputing, up to fp rounding
+    deciding a near-tie differently; far fewer FLOPs).
     on_block_committed(new_tokens, block_index): called after every generated block; `new_tokens[i]` are row i's
     answer tokens that this block added (concatenated over the calls they equal the returned list), and
     `block_index` counts generated blocks from 0.
+    on_step(DenoisingStep): called after every denoising step's decision, before it is applied (see the class).
 
     The model runs in eval mode under no_grad (its training mode is restored afterwards) with 4D boolean
     block-causal masks, so its attention implementation must be sdpa or eager.
@@ -258,7 +281,8 @@ def generate(
         mask_token_id=mask_token_id,
     )
     prompts = normalize_prompts(prompt_ids)
-    check_prompt_lengths(prompts, gen_length=gen_length, max_positions=getattr(model.config, "max_position_embeddings", None))
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    check_prompt_lengths(prompts, gen_length=gen_length, max_positions=max_positions)
     check_attention_backend(model.config)
 
     canvas = build_canvas(
@@ -281,6 +305,7 @@ def generate(
             use_cache=use_cache,
             generator=generator,
             on_block_committed=on_block_committed,
+            on_step=on_step,
         )
     finally:
         model.train(was_training)

@@ -26,7 +26,8 @@ def validate_generation_args(
         raise ValueError(f"gen_length ({gen_length}) must be > 0: it is the number of tokens to generate per prompt.")
     if block_length <= 0:
         raise ValueError(
-            f"block_length ({block_length}) must be > 0; use the block size the model was trained with (32 for LLaDA2.0)."
+            f"block_length ({block_length}) must be > 0; "
+            "use the block size the model was trained with (32 for LLaDA2.0)."
         )
     if steps <= 0:
         raise ValueError(f"steps ({steps}) must be > 0: it is the most denoising steps per block (default 32).")

@@ -8,7 +8,7 @@ Validation lives in an idempotent `__post_init__` and names the flag, its value,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -93,6 +93,11 @@ class DiffusionTrainingArguments(TrainingArguments):
         metadata={"help": "Pack whole documents into rows of max_seq_len with a document-level mask (no padding "
                           "between documents); batches come from the token-budget sampler."},
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Full-attention mode only: put all documents of a micro-batch into one row with no "
+                          "padding at all (position ids restart per document; the mask keeps documents apart)."},
+    )
     max_tokens_per_micro_batch: int | None = field(
         default=None,
         metadata={"help": "Token budget per micro-batch for dynamic batching (sum of document lengths; >= "
@@ -104,8 +109,8 @@ class DiffusionTrainingArguments(TrainingArguments):
     )
     batch_warmup_ratio: float = field(
         default=0.0,
-        metadata={"help": "Fraction of training (micro-batches, in [0, 1)) over which the token budget ramps "
-                          "linearly from batch_warmup_initial_tokens to max_tokens_per_micro_batch."},
+        metadata={"help": "Fraction (in [0, 1)) of the planned optimizer steps over which the token budget ramps "
+                          "linearly from batch_warmup_initial_tokens to the full budget (token-budget path only)."},
     )
     batch_warmup_initial_tokens: int | None = field(
         default=None, metadata={"help": "Token budget at the start of batch-size warmup (default: max_seq_len)."}
@@ -167,11 +172,22 @@ class DiffusionTrainingArguments(TrainingArguments):
             raise ValueError(f"loss_chunk_size ({self.loss_chunk_size}) must be > 0, or None for one chunk.")
         if self.packing and self.pad_to_max_seq_len:
             raise ValueError("packing=True and pad_to_max_seq_len=True exclude each other; choose one.")
+        if self.padding_free and (self.block_diffusion_mode or self.packing or self.pad_to_max_seq_len):
+            raise ValueError(
+                "padding_free=True is the full-attention layout: it needs block_diffusion_mode=False and excludes "
+                "packing and pad_to_max_seq_len (in block diffusion mode use packing=True)."
+            )
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < self.max_seq_len:
             raise ValueError(
                 f"max_tokens_per_micro_batch ({self.max_tokens_per_micro_batch}) must be >= max_seq_len "
                 f"({self.max_seq_len}) so the longest allowed document fits; raise it or lower max_seq_len."
             )
+        if self.max_tokens_per_micro_batch is not None and self.pad_to_max_seq_len:
+            raise ValueError("max_tokens_per_micro_batch with pad_to_max_seq_len=True would pad every row to "
+                             "max_seq_len anyway; use per_device_train_batch_size, or packing=True instead.")
+        if self.batch_warmup_ratio > 0 and not self.uses_token_budget:
+            raise ValueError(f"batch_warmup_ratio ({self.batch_warmup_ratio}) needs the token-budget path: set "
+                             "packing=True or max_tokens_per_micro_batch.")
         if self.dynamic_batching_buffer_size < 1:
             raise ValueError(f"dynamic_batching_buffer_size ({self.dynamic_batching_buffer_size}) must be >= 1.")
         if not 0.0 <= self.batch_warmup_ratio < 1.0:
@@ -198,7 +214,7 @@ class DiffusionTrainingArguments(TrainingArguments):
 
     @property
     def uses_token_budget(self) -> bool:
-        return self.packing or self.max_tokens_per_micro_batch is not None
+        return self.packing or self.padding_free or self.max_tokens_per_micro_batch is not None
 
     @property
     def token_budget(self) -> int:
@@ -216,3 +232,13 @@ class DiffusionTrainingArguments(TrainingArguments):
         values["hub_token"] = args.hub_token  # `to_dict` masks secrets
         init_names = {f.name for f in fields(TrainingArguments) if f.init}
         return cls(**{name: value for name, value in values.items() if name in init_names})
+
+
+def arguments_markdown_table() -> str:
+    """The README's argument reference: `python -m dfactory_hf.trainer` prints it."""
+    own = [f for f in fields(DiffusionTrainingArguments) if f.name not in {g.name for g in fields(TrainingArguments)}]
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in own:
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        rows.append(f"| `--{f.name}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -66,11 +66,26 @@ def evaluate_elbo(trainer, dataset, *, prefix: str = "eval") -> dict[str, float]
 def generate_answers(model, tokenizer, dataset, *, num_samples: int, gen_length: int, block_length: int,
                      threshold: float, mask_token_id: int, batch_size: int = 8, indices: list[int] | None = None):
     """Answer the first `num_samples` rows (documents with an `answer` column) by block-diffusion generation."""
-    from ..generation import generate
-
     if "answer" not in dataset.column_names:
         raise ValueError("Generation-based evaluation needs an `answer` column in the evaluation dataset.")
     indices = list(range(min(num_samples, len(dataset)))) if indices is None else indices
+    # The sampler builds dense 4D masks; a model trained with flex attention (GPU) decodes with sdpa.
+    trained_with = model.config._attn_implementation
+    if trained_with not in ("sdpa", "eager"):
+        model.set_attn_implementation("sdpa")
+    try:
+        return _answer_batches(model, tokenizer, dataset, indices, gen_length=gen_length,
+                               block_length=block_length, threshold=threshold, mask_token_id=mask_token_id,
+                               batch_size=batch_size)
+    finally:
+        if trained_with not in ("sdpa", "eager"):
+            model.set_attn_implementation(trained_with)
+
+
+def _answer_batches(model, tokenizer, dataset, indices, *, gen_length, block_length, threshold, mask_token_id,
+                    batch_size) -> list[dict]:
+    from ..generation import generate
+
     records = []
     for start in range(0, len(indices), batch_size):
         rows = [dataset[i] for i in indices[start:start + batch_size]]

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
-from ..data.collators import PackingCollator, PaddingCollator
+from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import TokenBudgetBatchSampler
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
@@ -97,6 +97,12 @@ class DiffusionTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         copies = 2 if self.args.complementary_masking else 1
         budget = self.args.token_budget
+        if copies == 2 and 2 * max(dataset["num_tokens"]) > budget:
+            raise ValueError(
+                f"complementary_masking doubles each document, and the longest ({max(dataset['num_tokens'])} tokens) "
+                f"then exceeds the token budget ({budget}); raise max_tokens_per_micro_batch to at least "
+                f"{copies * max(dataset['num_tokens'])}."
+            )
         warmup_steps, warmup_tokens = 0, None
         if self.args.batch_warmup_ratio > 0:
             warmup_steps = max(1, round(self.args.batch_warmup_ratio * self._planned_optimizer_steps(dataset)))
@@ -111,7 +117,7 @@ class DiffusionTrainer(Trainer):
             micro_batches_per_step=self.args.gradient_accumulation_steps,
             warmup_initial_tokens=warmup_tokens,
             num_warmup_steps=warmup_steps,
-            padded=not self.args.packing,
+            padded=not (self.args.packing or self.args.padding_free),
         )
         return self._train_batch_sampler
 
@@ -300,6 +306,8 @@ def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_
     )
     if args.packing:
         return PackingCollator(**common, max_seq_len=args.max_seq_len)
+    if args.padding_free:
+        return PositionIdCollator(**common)
     return PaddingCollator(**common, max_seq_len=args.max_seq_len, pad_to_max_seq_len=args.pad_to_max_seq_len)
 
 
