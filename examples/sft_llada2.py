@@ -62,9 +62,11 @@ class ScriptArguments:
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split (skipped if absent)."})
-    num_train_samples: int = field(default=10000, metadata={"help": "Generated conversations (embedded data; add2 has 12k distinct problems)."})
+    num_train_samples: int = field(
+        default=7800, metadata={"help": "Generated conversations (embedded data; `add` has 8,100 distinct problems)."}
+    )
     num_test_samples: int = field(default=200, metadata={"help": "Generated held-out conversations."})
-    arithmetic_task: str = field(default="add2", metadata={"help": "Embedded data task: add2, word or mixed."})
+    arithmetic_task: str = field(default="add", metadata={"help": "Embedded data task: add, add2, word or mixed."})
     final_generation_samples: int = field(
         default=100, metadata={"help": "Held-out problems answered by generation after training (0: none)."}
     )

@@ -83,7 +83,7 @@ def test_add2_answers_are_the_true_results():
 def test_add2_covers_its_whole_problem_space_then_refuses():
     dataset = make_arithmetic_dataset(NUM_ADD2_PROBLEMS - 100, 100, seed=0, task="add2")
     assert len(set(_questions(dataset["train"])) | set(_questions(dataset["test"]))) == NUM_ADD2_PROBLEMS == 12195
-    with pytest.raises(ValueError, match=r"needs 12196 distinct add2 problems but only 12195 exist"):
+    with pytest.raises(ValueError, match=r"needs 12196 distinct problems but only 12195 exist"):
         make_arithmetic_dataset(NUM_ADD2_PROBLEMS - 99, 100, task="add2")
 
 
@@ -159,3 +159,12 @@ def test_invalid_arguments_name_the_field():
         make_arithmetic_dataset(10, 10, task="add3")
     with pytest.raises(ValueError, match=r"`num_train` \(-1\)"):
         make_arithmetic_dataset(-1, 10)
+
+
+def test_add_task_is_addition_only_and_bounded():
+    dataset = make_arithmetic_dataset(300, 50, seed=3, task="add")
+    for row in list(dataset["train"]) + list(dataset["test"]):
+        question = row["messages"][0]["content"]
+        assert " + " in question and " - " not in question
+    with pytest.raises(ValueError, match=r"needs 8101 distinct problems but only 8100 exist"):
+        make_arithmetic_dataset(8001, 100, task="add")

@@ -22,7 +22,7 @@ AUTO_MAP = {
 
 @pytest.fixture
 def reference():
-    model = tiny_model(seed=3)
+    model = tiny_model(seed=3, moe_intermediate_size=96)  # I != H, so transposed expert shapes are caught
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         logits = model(input_ids=ids).logits

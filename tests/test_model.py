@@ -166,7 +166,7 @@ def test_gradient_checkpointing_gives_identical_gradients():
     def grads(checkpointing: bool):
         model = tiny_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable()
         torch.manual_seed(1)
         ids = torch.randint(0, 128, (2, 16))
         model(input_ids=ids, labels=ids).loss.backward()

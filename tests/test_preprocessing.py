@@ -44,7 +44,8 @@ def filled(ids: list[int], block_size: int, fill: int = EOS) -> list[int]:
 
 @pytest.mark.parametrize("block_size", [1, 4, 7, 32])
 def test_chat_row_is_prompt_answer_eos_filled_to_block(tokenizer, block_size):
-    documents, report = prepare(tokenizer, [chat(("user", QUESTION), ("assistant", ANSWER))], block_size=block_size)
+    documents, report = prepare(tokenizer, [chat(("user", QUESTION), ("assistant", ANSWER))], block_size=block_size,
+                                max_seq_len=block_size * (128 // block_size))
     doc = documents[0]
     prompt = [USER, *chars(QUESTION), ASSISTANT]
     expected = filled(prompt + chars(ANSWER) + [EOS], block_size)
@@ -277,3 +278,8 @@ def test_tokenizer_without_eos_raises(tokenizer):
     assert no_eos.eos_token_id is None
     with pytest.raises(ValueError, match=r"^The tokenizer has no eos_token; set tokenizer\.eos_token"):
         prepare(no_eos, [GOOD])
+
+
+def test_max_seq_len_must_be_a_multiple_of_block_size(tokenizer):
+    with pytest.raises(ValueError, match=r"max_seq_len \(100\) must be a multiple of block_size \(32\)"):
+        prepare(tokenizer, [chat(("user", QUESTION), ("assistant", ANSWER))], block_size=32, max_seq_len=100)

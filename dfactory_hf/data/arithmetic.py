@@ -11,9 +11,10 @@ Every answer ends with "The answer is N." so `extract_answer` scores a generatio
 Tasks (lengths in characters = tokens of the demo tokenizer, question + answer; the chat
 template adds 2 role tokens and training adds EOS):
 
-- "add2": "What is 37 + 48?" -> "37 + 48 = 85. The answer is 85." Two-digit addition, and
-  subtraction with a non-negative result; 12,195 distinct problems, ~50 tokens each. A ~1M-parameter
-  model reaches ~98% exact match on it in a few thousand CPU steps (REFERENCE section 7).
+- "add": "What is 37 + 48?" -> "37 + 48 = 85. The answer is 85." Two-digit addition only; 8,100
+  distinct problems, ~50 tokens each: the embedded demo's task (a ~1M-parameter model learns it in a
+  few thousand CPU steps, REFERENCE section 7).
+- "add2": "add" plus subtraction with a non-negative result ("What is 82 - 47?"); 12,195 problems.
 - "word": GSM8K-like multi-step word problems (inventory, shopping, wages, school, reading, ages)
   with 2-4 equations (+ - *) on small numbers, a worked solution with one equation per line (terse
   "4 * 8 = 32", or 20% in sentences) and the final line "The answer is N.". Story sentences that do
@@ -36,13 +37,14 @@ from decimal import Decimal, InvalidOperation
 
 from datasets import Dataset, DatasetDict
 
-TASKS = ("add2", "word", "mixed")
+TASKS = ("add", "add2", "word", "mixed")
 
 # Every ordered pair of two-digit operands for "+", and a >= b for "-" (no negative answers).
 _ADD2_OPERANDS = [(a, "+", b) for a in range(10, 100) for b in range(10, 100)] + [
     (a, "-", b) for a in range(10, 100) for b in range(10, a + 1)
 ]
 NUM_ADD2_PROBLEMS = len(_ADD2_OPERANDS)
+NUM_ADD_PROBLEMS = sum(op == "+" for _, op, _ in _ADD2_OPERANDS)  # additions come first in the list
 
 _ANSWER_PATTERN = re.compile(r"the answer is|####", re.IGNORECASE)
 _NUMBER_PATTERN = re.compile(r"\s*[:=]?\s*\$?\s*(-?[\d,]*\d(?:\.\d+)?)")
@@ -322,15 +324,16 @@ def make_arithmetic_dataset(num_train: int, num_test: int, *, seed: int = 0, tas
         raise ValueError(f"`task` ({task!r}) must be one of {TASKS}")
     if num_train < 0 or num_test < 0:
         raise ValueError(f"`num_train` ({num_train}) and `num_test` ({num_test}) must be >= 0")
-    add2_share = {"add2": 1.0, "word": 0.0, "mixed": 0.5}[task]
+    add2_share = {"add": 1.0, "add2": 1.0, "word": 0.0, "mixed": 0.5}[task]
+    pool_size = NUM_ADD_PROBLEMS if task == "add" else NUM_ADD2_PROBLEMS
     num_add2 = {"test": round(num_test * add2_share), "train": round(num_train * add2_share)}
-    if num_add2["test"] + num_add2["train"] > NUM_ADD2_PROBLEMS:
+    if num_add2["test"] + num_add2["train"] > pool_size:
         raise ValueError(
-            f"task {task!r} needs {num_add2['test'] + num_add2['train']} distinct add2 problems but only "
-            f"{NUM_ADD2_PROBLEMS} exist; lower `num_train` ({num_train}) + `num_test` ({num_test}) or use task 'word'"
+            f"task {task!r} needs {num_add2['test'] + num_add2['train']} distinct problems but only "
+            f"{pool_size} exist; lower `num_train` ({num_train}) + `num_test` ({num_test}) or use task 'word'"
         )
     rng = random.Random(seed)
-    add2_order = list(range(NUM_ADD2_PROBLEMS))
+    add2_order = list(range(pool_size))
     rng.shuffle(add2_order)  # popped from the end: test takes the first problems, train the next
     seen: set[str] = set()
     test = _draw_split(num_add2["test"], num_test - num_add2["test"], add2_order, rng, seen)
