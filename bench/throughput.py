@@ -108,7 +108,8 @@ def timed_documents(spec: dict, tokenizer) -> tuple[datasets.Dataset, list[list[
                                    mask_token_id=tokenizer.mask_token_id)
     sampler = TokenBudgetBatchSampler(
         lengths=documents["num_tokens"], max_tokens_per_micro_batch=spec["batch_size"] * spec["max_seq_len"],
-        data_parallel_rank=0, data_parallel_size=1, seed=spec["seed"], buffer_size=SAMPLER_BUFFER_SIZE)
+        data_parallel_rank=0, data_parallel_size=1, seed=spec["seed"], buffer_size=SAMPLER_BUFFER_SIZE,
+        row_length=spec["max_seq_len"])  # as the trainer plans packed rows
     plan = list(sampler)
     wanted = spec["warmup"] + spec["steps"]
     if len(plan) < wanted:

@@ -120,6 +120,8 @@ class ScriptedModel(torch.nn.Module):
                 probability = self.confidence.get(position, self.default_confidence)
                 logits[row, index] = math.log((1 - probability) / (self.vocab - 1))
                 logits[row, index, self.token_at(position, call)] = math.log(probability)
+        if isinstance(logits_to_keep, torch.Tensor):  # transformers' convention: a bool [B, S] keeps those rows
+            return SimpleNamespace(logits=logits[logits_to_keep])
         return SimpleNamespace(logits=logits[:, -logits_to_keep:])
 
 

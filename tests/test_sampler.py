@@ -11,6 +11,7 @@ from accelerate.data_loader import SkipBatchSampler
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+from dfactory_hf.data.collators import PackingCollator
 from dfactory_hf.data.sampler import TokenBudgetBatchSampler
 
 _rng = random.Random(0)
@@ -30,24 +31,64 @@ def epoch_batches(sampler, epoch):
     return list(sampler)
 
 
-def cost(batch, lengths=LENGTHS, padded=False):
-    return len(batch) * max(lengths[i] for i in batch) if padded else sum(lengths[i] for i in batch)
+def rows_in_order(batch, lengths=LENGTHS, row_length=64):
+    """Rows a collator filling rows of `row_length` in the given order builds (the PackingCollator does)."""
+    rows, room = 0, 0
+    for i in batch:
+        if lengths[i] > room:
+            rows, room = rows + 1, row_length
+        room -= lengths[i]
+    return rows
 
 
-@pytest.mark.parametrize("padded", [False, True])
+def cost(batch, lengths=LENGTHS, layout="tokens"):
+    if layout == "padded":
+        return len(batch) * max(lengths[i] for i in batch)
+    if layout == "rows":
+        return rows_in_order(batch, lengths) * 64
+    return sum(lengths[i] for i in batch)
+
+
+LAYOUTS = {"tokens": {}, "padded": dict(padded=True), "rows": dict(row_length=64)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("micro_batches_per_step", [1, 2])
 @pytest.mark.parametrize("size", [1, 2, 3])
-def test_ranks_cover_every_index_once_with_equal_counts_within_budget(size, micro_batches_per_step, padded):
-    samplers = [make(rank, size, micro_batches_per_step=micro_batches_per_step, padded=padded) for rank in range(size)]
+def test_ranks_cover_every_index_once_with_equal_counts_within_budget(size, micro_batches_per_step, layout):
+    samplers = [make(rank, size, micro_batches_per_step=micro_batches_per_step, **LAYOUTS[layout])
+                for rank in range(size)]
     per_rank = [epoch_batches(sampler, 1) for sampler in samplers]
     counts = {len(batches) for batches in per_rank}
     assert len(counts) == 1 and counts.pop() % micro_batches_per_step == 0
     assert all(len(sampler) == len(batches) for sampler, batches in zip(samplers, per_rank))
     every_index = sorted(i for batches in per_rank for batch in batches for i in batch)
     assert every_index == list(range(len(LENGTHS)))
-    assert all(cost(batch, padded=padded) <= 128 for batches in per_rank for batch in batches)
-    if padded:  # the budget binds on the padded cost: more, smaller micro-batches than packing
+    assert all(cost(batch, layout=layout) <= 128 for batches in per_rank for batch in batches)
+    if layout == "padded":  # the budget binds on the padded cost: more, smaller micro-batches than packing
         assert len(samplers[0]) > len(make(0, size, micro_batches_per_step=micro_batches_per_step))
+
+
+def test_planned_rows_are_what_the_packing_collator_builds_and_nearly_full():
+    # Two length modes, as in chat SFT data: short answers and long word problems (block-aligned, block 32).
+    rng = random.Random(1)
+    lengths = [32 * rng.choice([2, 2, 2, 3, 4, 6, 7, 7, 8, 9]) for _ in range(2000)]
+    collator = PackingCollator(mask_token_id=2, pad_token_id=0, block_size=32, seed=0, max_seq_len=512)
+    padding = {}
+    for layout in ("tokens", "rows"):
+        sampler = make(lengths=lengths, max_tokens_per_micro_batch=4096, buffer_size=512,
+                       **({"row_length": 512} if layout == "rows" else {}))
+        row_tokens = real = 0
+        for batch in list(sampler)[:40]:
+            features = [dict(input_ids=[7] * lengths[i], prompt_length=1, sample_index=i) for i in batch]
+            collated = collator(features)
+            assert collated["input_ids"].numel() <= 4096 or layout == "tokens"
+            if layout == "rows":
+                assert collated["input_ids"].shape[0] <= rows_in_order(batch, lengths, 512) <= 8
+            row_tokens += collated["input_ids"].numel()
+            real += int(collated["attention_mask"].sum())
+        padding[layout] = 1 - real / row_tokens
+    assert padding["rows"] < 0.03 < padding["tokens"]
 
 
 def test_count_is_made_divisible_by_splitting_the_costliest_micro_batch():
@@ -99,10 +140,11 @@ def test_order_depends_on_the_epoch_and_nothing_else():
     assert epoch_batches(make(shuffle=False), 0) == epoch_batches(make(shuffle=False), 1)
 
 
+@pytest.mark.parametrize("layout", ["tokens", "rows"])
 @pytest.mark.parametrize("epoch", [0, 1])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_state_dict_resume_yields_the_remainder_then_the_next_epoch(rank, epoch):
-    kwargs = dict(micro_batches_per_step=2, **WARMUP)
+def test_state_dict_resume_yields_the_remainder_then_the_next_epoch(rank, epoch, layout):
+    kwargs = dict(micro_batches_per_step=2, **WARMUP, **LAYOUTS[layout])
     reference = make(rank, 2, **kwargs)
     full, following = epoch_batches(reference, epoch), epoch_batches(reference, epoch + 1)
     interrupted = make(rank, 2, **kwargs)
@@ -182,6 +224,11 @@ def test_trainer_takes_the_batch_sampler_path(tmp_path):
      "`warmup_initial_tokens` (32) must be between the longest document (index 1, 40 tokens) and "
      "max_tokens_per_micro_batch (128); raise it, or filter/truncate documents longer than 32 tokens"),
     (dict(warmup_initial_tokens=512, num_warmup_steps=5), "`warmup_initial_tokens` (512) must be between"),
+    (dict(row_length=64, padded=True), "`row_length` packs documents into rows and `padded=True` gives each its own"),
+    (dict(row_length=32), "`row_length` (32) must be an integer >= the longest document (64 tokens); pass max_seq_len"),
+    (dict(row_length=96, max_tokens_per_micro_batch=128, warmup_initial_tokens=64, num_warmup_steps=3),
+     "the token budget (64) holds no row of row_length=96 tokens; raise max_tokens_per_micro_batch (and "
+     "warmup_initial_tokens) to at least 96"),
 ])
 def test_invalid_arguments_raise_with_the_rule_and_the_fix(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):

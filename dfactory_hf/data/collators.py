@@ -128,7 +128,11 @@ class PackingCollator(DiffusionCollator):
     max_seq_len: int = 2048
 
     def layout(self, documents):
-        return pack_best_fit(documents, self.max_seq_len)
+        # The token-budget sampler (`row_length=max_seq_len`) hands over a micro-batch's documents row by row, so
+        # filling rows in the given order reproduces its rows; for any other order best-fit decreasing does
+        # better. Take whichever needs fewer rows (in order on a tie).
+        in_order, best_fit = pack_in_order(documents, self.max_seq_len), pack_best_fit(documents, self.max_seq_len)
+        return in_order if len(in_order) <= len(best_fit) else best_fit
 
 
 @dataclass
@@ -148,14 +152,33 @@ class PositionIdCollator(DiffusionCollator):
         return batch
 
 
+def _check_fits(size: int, capacity: int) -> None:
+    if size > capacity:
+        raise ValueError(f"A document of {size} tokens does not fit a row of max_seq_len={capacity} tokens.")
+
+
+def pack_in_order(documents: list[NoisedDocument], capacity: int) -> list[list[NoisedDocument]]:
+    """Next fit: documents in the given order, a new row whenever the next one does not fit the current row."""
+    rows: list[list[NoisedDocument]] = []
+    room = 0
+    for doc in documents:
+        size = len(doc.x_0)
+        _check_fits(size, capacity)
+        if not rows or size > room:
+            rows.append([])
+            room = capacity
+        rows[-1].append(doc)
+        room -= size
+    return rows
+
+
 def pack_best_fit(documents: list[NoisedDocument], capacity: int) -> list[list[NoisedDocument]]:
     """Best-fit decreasing: each document (longest first) goes to the fullest row it still fits in."""
     rows: list[list[NoisedDocument]] = []
     room: list[int] = []
     for doc in sorted(documents, key=lambda d: -len(d.x_0)):
         size = len(doc.x_0)
-        if size > capacity:
-            raise ValueError(f"A document of {size} tokens does not fit a row of max_seq_len={capacity} tokens.")
+        _check_fits(size, capacity)
         fits = [r for r in range(len(rows)) if room[r] >= size]
         if fits:
             best = min(fits, key=lambda r: room[r])

@@ -40,6 +40,7 @@ class DenoisingStep:
     """What one denoising step saw and decided, for `generate(on_step=...)` (visualisation, debugging).
 
     All [B, L] over the current block, except `logits` [B, L, V]; rows that are done have nothing masked.
+    Only still-masked positions get logits, a token and a confidence; the others hold zeros.
     """
 
     block_index: int  # generated blocks counted from 0
@@ -120,9 +121,14 @@ def block_causal_mask(canvas: Canvas, query_start: int, query_end: int) -> torch
 
 
 def _forward(
-    model, canvas: Canvas, query_start: int, query_end: int, cache: DynamicCache | None, logits_to_keep: int
+    model, canvas: Canvas, query_start: int, query_end: int, cache: DynamicCache | None,
+    logits_to_keep: int | torch.Tensor,
 ) -> torch.Tensor:
-    """Run the model on canvas[:, query_start:query_end] (earlier keys come from `cache`); logits [B, keep, V]."""
+    """Run the model on canvas[:, query_start:query_end] (earlier keys come from `cache`).
+
+    `logits_to_keep`: an int n gives the logits of the last n positions [B, n, V]; a bool [B, query_end -
+    query_start] gives those of the True positions [N, V] (only still-masked positions need a distribution).
+    """
     output = model(
         input_ids=canvas.tokens[:, query_start:query_end],
         attention_mask=block_causal_mask(canvas, query_start, query_end),
@@ -131,7 +137,7 @@ def _forward(
         use_cache=cache is not None,
         logits_to_keep=logits_to_keep,
     )
-    return output.logits[:, -logits_to_keep:]
+    return output.logits
 
 
 def _drop_uncommitted(cache: DynamicCache, keep_length: int) -> None:
@@ -194,18 +200,25 @@ def _decode(
         for step in range(steps):
             if not still_masked.any():
                 break
+            # lm_head only at still-masked positions: the other logits would be thrown away.
             if cache is None:
-                logits = _forward(model, canvas, 0, end, None, logits_to_keep=block_length)
+                keep = torch.nn.functional.pad(still_masked, (start, 0))  # [B, end]
+                masked_logits = _forward(model, canvas, 0, end, None, keep)
             else:
-                logits = _forward(model, canvas, start, end, cache, logits_to_keep=block_length)
+                masked_logits = _forward(model, canvas, start, end, cache, still_masked)
                 _drop_uncommitted(cache, start)
-            tokens, confidence = pick_tokens(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            picked, picked_confidence = pick_tokens(
+                masked_logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
+            tokens = torch.zeros_like(block_tokens).masked_scatter_(still_masked, picked)
+            confidence = torch.zeros(still_masked.shape, device=picked.device).masked_scatter_(
+                still_masked, picked_confidence)
             commit = select_positions_to_commit(confidence, still_masked, schedule[:, step], threshold)
             block_tokens.copy_(torch.where(commit, tokens, block_tokens))
             if on_step is not None:
                 block_index = block - canvas.first_block
+                logits = masked_logits.new_zeros(*still_masked.shape, masked_logits.shape[-1])
+                logits[still_masked] = masked_logits
                 on_step(DenoisingStep(block_index, step, logits, tokens, confidence, still_masked, commit))
             still_masked = still_masked & ~commit  # not in place: on_step may keep the previous tensor
             if eos_early_stop:

@@ -100,9 +100,11 @@ class DiffusionTrainingArguments(TrainingArguments):
     )
     max_tokens_per_micro_batch: int | None = field(
         default=None,
-        metadata={"help": "Token budget per micro-batch for dynamic batching (sum of document lengths; >= "
-                          "max_seq_len). Default with packing: per_device_train_batch_size x max_seq_len. Setting "
-                          "it without packing batches padded rows by padded cost."},
+        metadata={"help": "Token budget per micro-batch for dynamic batching (>= max_seq_len). With packing: "
+                          "rows x max_seq_len (the sampler packs documents best-fit into rows and gives each "
+                          "micro-batch budget // max_seq_len rows); default per_device_train_batch_size x "
+                          "max_seq_len. Without packing: padded rows x their length; padding_free: the sum of "
+                          "document lengths."},
     )
     dynamic_batching_buffer_size: int = field(
         default=512, metadata={"help": "Documents considered at once for best-fit batching (>= 1)."}

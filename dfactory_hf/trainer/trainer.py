@@ -118,6 +118,9 @@ class DiffusionTrainer(Trainer):
             warmup_initial_tokens=warmup_tokens,
             num_warmup_steps=warmup_steps,
             padded=not (self.args.packing or self.args.padding_free),
+            # Rows planned by the sampler (the collator refills them in order). Complementary pairs are planned
+            # as one document of twice the length, which may not fit a row; those keep the token-sum plan.
+            row_length=self.args.max_seq_len if self.args.packing and copies == 1 else None,
         )
         return self._train_batch_sampler
 
