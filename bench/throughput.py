@@ -8,24 +8,32 @@ Run from the repository root::
     python bench/throughput.py --max_seq_lens 512 --steps 20 --warmup 3 --model small --profile
 
 What it measures. Per `max_seq_len` L (block size 32, mask rate t ~ U[0.3, 0.8], `DiffusionObjective()`),
-GSM8K-style word problems (`make_arithmetic_dataset(task="word")`, mean ~200 tokens after EOS block fill,
-documents longer than L skipped) through `diffusion_step`, the exact forward + loss that training runs:
+documents of the shipped generator (`--task mixed`: short arithmetic conversations and longer GSM8K-style word
+problems, mean ~132 tokens after EOS block fill at L = 512; documents longer than L skipped) through
+`diffusion_step`, the exact forward + loss that training runs:
 
-- `padded+dense`: the public recipe, one document per row padded to L (`PaddingCollator(pad_to_max_seq_len)`),
-  `--batch_size` B rows per step, dense sdpa mask;
-- `packed+dense`: documents packed best-fit into rows of at most L (`PackingCollator`), micro-batches from
-  `TokenBudgetBatchSampler` with the padded path's token budget B x L, dense sdpa mask (built per document);
+- `recipe: padded+dense+all logits`: the public recipe's step, the baseline: one document per row padded to L
+  (`PaddingCollator(pad_to_max_seq_len)`), `--batch_size` B rows per step, dense sdpa mask, logits for all 2L
+  positions upcast to fp32, cross-entropy on the x_t half;
+- `padded+dense`: the same rows through our loss (logits only at supervised x_t positions);
+- `packed+dense`: documents packed into rows of L by the trainer's planner (`TokenBudgetBatchSampler(row_length=L)`,
+  budget B x L, so B rows per micro-batch) and `PackingCollator`, dense sdpa mask (built per document);
 - `packed+BlockMask`: the same packed batches, model set to `flex_attention`, the `BlockMask` built from the
   key intervals; transformers runs flex attention through `torch.compile`.
 
-Measured (one run each, real tokens/s over padded+dense). One thread of a shared 2-core Xeon, tiny model, fp32:
-packing alone gives 2.5x in training steps at L = 512 and 5.7x at L = 1024 (padded rows are 59% / 81% padding,
-packed rows 5% / 8%); forward-only, the BlockMask adds 2.2x over the dense mask at L = 1024 (12.9x over padded)
-and nothing at L = 512, where compiled CPU flex is no faster than the CPU flash kernel. H100, small model, bf16
-autocast, training steps: 2.3x / 4.8x from packing; the BlockMask is 5-10% slower than the dense mask there, as
-attention is under 10% of the step. While every row still pays dense attention over 2L, packing cannot beat
-(1 - packed padding) / (1 - padded padding), about 2.3x at L = 512 on this data; more needs attention that skips
-masked tiles in the backward too.
+Measured (one run, real tokens/s over the recipe row; README quotes the table). One thread of this project's
+2-core Xeon, tiny model, fp32, training steps: packing gives 4.1x at L = 512 and 6.4x at L = 1024 (padded rows
+74% / 87% padding, packed rows 0.7% / 0.0%). Skipping the x_0 and unsupervised logits is within the noise
+here (0.9-1.1x in two runs: the vocabulary is 128; with LLaDA2's 157k the recipe's fp32 logits for 2L
+positions dominate its memory).
+Forward-only, the BlockMask adds 1.1x (L = 512) and 2.3x (L = 1024) over the dense mask. H100 (an earlier
+version of this script, without the recipe row; small model, bf16 autocast, training steps): 2.3x / 4.8x from
+packing on `word` data; the BlockMask 5-10% slower than the dense mask there, as attention is under 10% of the
+step. While every row still pays dense attention over 2L, packing cannot beat the ratio of real-token
+fractions, (1 - packed padding) / (1 - padded padding), 3.8x at L = 512 on this data; the rest comes from
+fewer, fuller steps (38 padded steps against 10 packed ones for the same documents: optimizer and per-step
+overheads). More needs attention that skips masked tiles in the backward too (flex on
+GPU).
 
 Like for like: one epoch of the token-budget sampler is planned, `--warmup` + `--steps` micro-batches are drawn
 from it at random (seeded, so their length mix is the epoch's), and the padded rows get exactly the documents
