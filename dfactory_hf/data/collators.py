@@ -129,8 +129,8 @@ class PackingCollator(DiffusionCollator):
 
     def layout(self, documents):
         # The token-budget sampler (`row_length=max_seq_len`) hands over a micro-batch's documents row by row, so
-        # filling rows in the given order reproduces its rows; for any other order best-fit decreasing does
-        # better. Take whichever needs fewer rows (in order on a tie).
+        # filling rows in the given order needs no more rows than it planned; for any other order best-fit
+        # decreasing does better. Take whichever needs fewer rows (in order on a tie).
         in_order, best_fit = pack_in_order(documents, self.max_seq_len), pack_best_fit(documents, self.max_seq_len)
         return in_order if len(in_order) <= len(best_fit) else best_fit
 
