@@ -36,6 +36,7 @@ from ..diffusion.noise import (
     mask_document,
     sample_mask_rate,
 )
+from .sampler import next_fit
 
 IGNORE_INDEX = -100
 
@@ -131,7 +132,11 @@ class PackingCollator(DiffusionCollator):
         # The token-budget sampler (`row_length=max_seq_len`) hands over a micro-batch's documents row by row, so
         # filling rows in the given order needs no more rows than it planned; for any other order best-fit
         # decreasing does better. Take whichever needs fewer rows (in order on a tie).
-        in_order, best_fit = pack_in_order(documents, self.max_seq_len), pack_best_fit(documents, self.max_seq_len)
+        in_order = pack_in_order(documents, self.max_seq_len)
+        fewest_possible = -(-sum(len(doc.x_0) for doc in documents) // self.max_seq_len)
+        if len(in_order) == fewest_possible:  # the usual case behind the sampler: nothing to improve
+            return in_order
+        best_fit = pack_best_fit(documents, self.max_seq_len)
         return in_order if len(in_order) <= len(best_fit) else best_fit
 
 
@@ -159,17 +164,10 @@ def _check_fits(size: int, capacity: int) -> None:
 
 def pack_in_order(documents: list[NoisedDocument], capacity: int) -> list[list[NoisedDocument]]:
     """Next fit: documents in the given order, a new row whenever the next one does not fit the current row."""
-    rows: list[list[NoisedDocument]] = []
-    room = 0
-    for doc in documents:
-        size = len(doc.x_0)
+    sizes = [len(doc.x_0) for doc in documents]
+    for size in sizes:
         _check_fits(size, capacity)
-        if not rows or size > room:
-            rows.append([])
-            room = capacity
-        rows[-1].append(doc)
-        room -= size
-    return rows
+    return [[documents[position] for position in row] for row in next_fit(sizes, capacity)]
 
 
 def pack_best_fit(documents: list[NoisedDocument], capacity: int) -> list[list[NoisedDocument]]:

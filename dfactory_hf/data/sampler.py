@@ -218,12 +218,7 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
             return len(indices) * longest
         if self.row_length is None:
             return total
-        num_rows, room = 0, 0
-        for index in indices:
-            if self.lengths[index] > room:
-                num_rows, room = num_rows + 1, self.row_length
-            room -= self.lengths[index]
-        return num_rows * self.row_length
+        return len(next_fit([self.lengths[index] for index in indices], self.row_length)) * self.row_length
 
     def _plan(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of `epoch`; also records the epoch's step and drop counts."""
@@ -345,6 +340,22 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
                     heapq.heappush(heap, (-self._cost(half), serial, position, half))
                     serial += 1
         return [piece for group in pieces for piece in group]
+
+
+def next_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of positions into `sizes`, filled in the given order: a new row whenever the next item does not fit.
+
+    For items the row planner (`row_length`) listed row by row, this needs no more rows than it planned.
+    """
+    rows: list[list[int]] = []
+    room = 0
+    for position, size in enumerate(sizes):
+        if not rows or size > room:
+            rows.append([])
+            room = capacity
+        rows[-1].append(position)
+        room -= size
+    return rows
 
 
 def _validate(lengths, max_tokens, rank, size, buffer_size, per_step, warmup_tokens, warmup_steps) -> None:
