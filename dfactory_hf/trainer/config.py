@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from ..diffusion.loss import LOSS_WEIGHTING_MODES
 from ..diffusion.noise import validate_noise_range
+from ..parallel.state import check_size_flags
 
 OVERLONG_POLICIES = ("skip", "truncate")
 
@@ -133,6 +134,28 @@ class DiffusionTrainingArguments(TrainingArguments):
     eval_gen_threshold: float = field(
         default=0.9, metadata={"help": "Confidence threshold for committing tokens during evaluation generation."}
     )
+    # --- parallelism (one DeviceMesh; dfactory_hf/parallel/state.py) ------------------------------------------
+    dp_replicate_size: int = field(
+        default=1,
+        metadata={"help": "Data-parallel replicas (>= 1) that each hold a full copy of the (FSDP-sharded) model: "
+                          "HSDP when > 1 with dp_shard_size > 1. world = dp_replicate x dp_shard x sp."},
+    )
+    dp_shard_size: int = field(
+        default=-1,
+        metadata={"help": "Ranks (>= 1) that FSDP2 shards parameters, gradients and optimizer state over, together "
+                          "with sp_size; -1 = every rank the other sizes leave (world / (dp_replicate x sp))."},
+    )
+    sp_size: int = field(
+        default=1,
+        metadata={"help": "Ulysses sequence-parallel degree (>= 1): ranks that split one row's sequence. Not "
+                          "available in this version (refused when > 1)."},
+    )
+    ep_size: int = field(
+        default=1,
+        metadata={"help": "Expert-parallel degree (>= 1): ranks that split the routed experts; must divide "
+                          "dp_shard_size x sp_size and the expert count. Not available in this version (refused "
+                          "when > 1)."},
+    )
     # --- LoRA ---------------------------------------------------------------------------------------------
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full model."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -211,8 +234,18 @@ class DiffusionTrainingArguments(TrainingArguments):
                 "dataloader_persistent_workers=True would freeze the collator's epoch inside the workers, so every "
                 "epoch would reuse the same noise; set it to False."
             )
+        self.validate_parallel_fields()
         if self.use_peft and self.lora_r <= 0:
             raise ValueError(f"lora_r ({self.lora_r}) must be > 0 with use_peft.")
+
+    def validate_parallel_fields(self) -> None:
+        """What can be checked without the world size (the rest: `ParallelSizes.resolve` at trainer build)."""
+        check_size_flags(dp_replicate_size=self.dp_replicate_size, dp_shard_size=self.dp_shard_size,
+                         sp_size=self.sp_size, ep_size=self.ep_size)
+        for flag, what in (("sp_size", "Ulysses sequence parallel"), ("ep_size", "expert parallel")):
+            if getattr(self, flag) > 1:
+                raise ValueError(f"--{flag} ({getattr(self, flag)}): {what} is not available in this version of "
+                                 f"dfactory_hf; use --{flag} 1 (FSDP2 over --dp_shard_size ranks shards the model).")
 
     @property
     def uses_token_budget(self) -> bool:

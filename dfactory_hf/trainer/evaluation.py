@@ -18,18 +18,25 @@ from ..data.arithmetic import exact_match, extract_answer
 from .forward import diffusion_step
 
 
-def _shard(trainer, num_items: int) -> list[int]:
-    """This rank's share of item indices. Under FSDP every rank runs every item: forwards are collective."""
-    if trainer.is_fsdp_enabled or trainer.args.world_size == 1:
-        return list(range(num_items))
-    return list(range(trainer.args.process_index, num_items, trainer.args.world_size))
+def _replica_share(trainer, num_items: int) -> list[int]:
+    """This data replica's share of item indices."""
+    state = trainer.parallel_state
+    return list(range(state.dp_rank, num_items, state.dp_size))
+
+
+def _lockstep_batches(trainer, num_items: int, batch_size: int) -> list[list[int]]:
+    """This replica's items in batches, the same number of batches on every rank: under FSDP every forward is a
+    collective, so a rank with fewer items repeats its first batch (`[]` marks it: run, then discard)."""
+    share = _replica_share(trainer, num_items)
+    per_rank = math.ceil(num_items / trainer.parallel_state.dp_size)
+    num_batches = math.ceil(per_rank / batch_size)
+    batches = [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
+    return batches + [[]] * (num_batches - len(batches))
 
 
 def _reduce(trainer, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=trainer.args.device)
-    if trainer.args.world_size > 1 and not trainer.is_fsdp_enabled:
-        tensor = trainer._reduce_sum(tensor)
-    return tensor.tolist()
+    return trainer.parallel_state.sum_over_data(tensor).tolist()
 
 
 @torch.no_grad()
@@ -37,21 +44,21 @@ def evaluate_elbo(trainer, dataset, *, prefix: str = "eval") -> dict[str, float]
     model = trainer.model
     was_training = model.training
     model.eval()
-    indices = _shard(trainer, len(dataset))
-    batch_size = trainer.args.per_device_eval_batch_size
+    batches = _lockstep_batches(trainer, len(dataset), trainer.args.per_device_eval_batch_size)
     response_tokens = sum(n - p for n, p in zip(dataset["num_tokens"], dataset["prompt_length"]))
     metrics, nll_terms = {}, []
     for rate in trainer.args.eval_mask_rates:
         collator = replace(trainer._eval_collator, fixed_mask_rate=rate, complementary_masking=False)
         ce_sum = supervised = 0.0
-        for start in range(0, len(indices), batch_size):
-            batch = collator([dataset[i] for i in indices[start:start + batch_size]])
+        for items in batches:
+            batch = collator([dataset[i] for i in (items or batches[0] or [0])])
             batch = trainer._prepare_inputs(batch)
             step = diffusion_step(model, batch, trainer.objective,
                                   attn_implementation=trainer._attn_implementation(model),
                                   mask_dtype=trainer._mask_dtype(model))
-            ce_sum += float(step.loss.ce_sum)
-            supervised += step.loss.num_tokens
+            if items:
+                ce_sum += float(step.loss.ce_sum)
+                supervised += step.loss.num_tokens
         ce_sum, supervised = _reduce(trainer, [ce_sum, supervised])
         metrics[f"{prefix}_loss_t{rate:g}"] = ce_sum / max(supervised, 1.0)
         nll_terms.append(ce_sum / (rate * max(response_tokens, 1)))
@@ -103,12 +110,16 @@ def _answer_batches(model, tokenizer, dataset, indices, *, gen_length, block_len
 
 def evaluate_generation(trainer, dataset, *, prefix: str = "eval") -> dict[str, float]:
     num_samples = min(trainer.args.eval_generation_samples, len(dataset))
-    indices = _shard(trainer, num_samples)
+    # Decoding takes a data-dependent number of steps, each a collective forward under FSDP: there every rank
+    # decodes every item in lockstep (the same tokens, counted once); otherwise each data replica its share.
+    indices = list(range(num_samples)) if trainer.is_fsdp_enabled else _replica_share(trainer, num_samples)
     model = trainer.accelerator.unwrap_model(trainer.model)
     records = generate_answers(
         model, trainer.processing_class, dataset, num_samples=num_samples, gen_length=trainer.args.eval_gen_length,
         block_length=trainer.args.block_size, threshold=trainer.args.eval_gen_threshold,
         mask_token_id=trainer.mask_token_id, batch_size=trainer.args.per_device_eval_batch_size, indices=indices,
     )
-    correct, total = _reduce(trainer, [sum(r["correct"] for r in records), len(records)])
+    correct, total = [sum(r["correct"] for r in records), len(records)]
+    if not trainer.is_fsdp_enabled:
+        correct, total = _reduce(trainer, [correct, total])
     return {f"{prefix}_exact_match": correct / max(total, 1.0), f"{prefix}_generated_samples": total}

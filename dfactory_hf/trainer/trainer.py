@@ -13,12 +13,17 @@ import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
-from transformers.trainer_utils import EvalLoopOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, rotate_checkpoints
 
 from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import TokenBudgetBatchSampler
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
+from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, engage_fsdp_on_cpu, fsdp_requested,
+                             take_activation_checkpointing_switch, unpin_cpu_offload)
+from ..parallel.loading import RankZeroBroadcastLoader, wants_rank0_loading
+from ..parallel.state import ParallelState
+from .checkpoints import mark_complete, resolve_resume_checkpoint
 from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
 from .forward import DiffusionObjective, diffusion_step
@@ -50,6 +55,15 @@ class DiffusionTrainer(Trainer):
         self.mask_token_id = resolve_mask_token_id(args, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         _check_attention_backend(model, args, training=train_dataset is not None)
+        # One ParallelState for the run, before any data work: every rank, size and reduction goes through it.
+        self.parallel_state = ParallelState.from_args(
+            args, world_size=args.world_size, num_experts=getattr(getattr(model, "config", None), "num_experts", None),
+            device_type=args.device.type)
+        if fsdp_requested(args) and args.world_size > 1 and self.parallel_state.sizes.fsdp_shard == 1:
+            raise ValueError(
+                f"FSDP is requested but dp_shard_size x sp_size is 1 (dp_replicate_size={args.dp_replicate_size} "
+                f"takes all {args.world_size} ranks): nothing to shard over. Use --dp_shard_size -1, or launch "
+                "without the FSDP config for plain data parallel.")
 
         self.data_reports: list[DataReport] = []
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
@@ -74,6 +88,55 @@ class DiffusionTrainer(Trainer):
         self._train_window = MetricWindow()
         self._eval_window: MetricWindow | None = None
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
+
+    # --- parallelism ------------------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self):
+        # FSDP2 must engage on CPU as on GPU (accelerate alone falls back to DDP there), and a fallback must fail.
+        engage_fsdp_on_cpu(self.args)
+        checkpointing = take_activation_checkpointing_switch(self.args)
+        super().create_accelerator_and_postprocess()
+        check_fsdp_engaged(self.accelerator, self.args)
+        apply_activation_checkpointing(self.accelerator, checkpointing)
+        unpin_cpu_offload(self.accelerator)
+
+    def _build_accelerator_args(self, **kwargs):
+        # Hand accelerate our mesh, so FSDP2 shards over its named axes and there is one mesh, not two.
+        args = super()._build_accelerator_args(**kwargs)
+        if self.args.parallelism_config is not None:
+            raise ValueError("Set the parallel layout with --dp_replicate_size / --dp_shard_size (dfactory_hf builds "
+                             "the mesh and hands it to accelerate), not with TrainingArguments.parallelism_config.")
+        if fsdp_requested(self.args) and self.parallel_state.mesh is not None:
+            args["parallelism_config"] = self.parallel_state.accelerate_parallelism_config()
+        return args
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # Rank-0 loading (fsdp_cpu_ram_efficient_loading) fills the shards right after FSDP2 wraps the model and
+        # before a resumed checkpoint is read, so Trainer's own resume step is replayed here after it.
+        if not wants_rank0_loading(self.accelerator):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        self.create_optimizer()  # before sharding, as Trainer does under FSDP2; the loader records its groups
+        loader = RankZeroBroadcastLoader(self.model, self.accelerator, self.optimizer)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        loader.load_into(model, self.optimizer)
+        if resume_from_checkpoint is not None:
+            self._load_from_checkpoint(resume_from_checkpoint, self.model_wrapped)
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    def _shard_over_data_replicas(self, dataloader):
+        # The padded path's batches are dealt out by accelerate's BatchSamplerShard over every process; they belong
+        # to data replicas (sp ranks of one replica share a batch). Token-budget samplers shard themselves.
+        from accelerate.data_loader import BatchSamplerShard
+
+        shard = getattr(dataloader, "batch_sampler", None)
+        if isinstance(shard, BatchSamplerShard) and shard.num_processes > 1:
+            shard.num_processes, shard.process_index = self.parallel_state.dp_size, self.parallel_state.dp_rank
+        return dataloader
+
+    def get_train_dataloader(self):
+        return self._shard_over_data_replicas(super().get_train_dataloader())
 
     # --- data -------------------------------------------------------------------------------------------------
 
@@ -110,8 +173,8 @@ class DiffusionTrainer(Trainer):
         self._train_batch_sampler = TokenBudgetBatchSampler(
             lengths=[n * copies for n in dataset["num_tokens"]],
             max_tokens_per_micro_batch=budget,
-            data_parallel_rank=self.args.process_index,
-            data_parallel_size=self.args.world_size,
+            data_parallel_rank=self.parallel_state.dp_rank,
+            data_parallel_size=self.parallel_state.dp_size,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             buffer_size=self.args.dynamic_batching_buffer_size,
             micro_batches_per_step=self.args.gradient_accumulation_steps,
@@ -128,14 +191,14 @@ class DiffusionTrainer(Trainer):
         if self.args.max_steps > 0:
             return self.args.max_steps
         tokens = sum(dataset["num_tokens"]) * (2 if self.args.complementary_masking else 1)
-        per_step = self.args.token_budget * self.args.world_size * self.args.gradient_accumulation_steps
+        per_step = self.args.token_budget * self.parallel_state.dp_size * self.args.gradient_accumulation_steps
         return max(1, math.ceil(self.args.num_train_epochs * tokens / per_step))
 
     def get_eval_dataloader(self, eval_dataset=None):
         # Evaluation noise is pinned (its own collator, epoch 0) so held-out losses compare across evaluations.
         train_collator, self.data_collator = self.data_collator, self._eval_collator
         try:
-            return super().get_eval_dataloader(eval_dataset)
+            return self._shard_over_data_replicas(super().get_eval_dataloader(eval_dataset))
         finally:
             self.data_collator = train_collator
 
@@ -186,6 +249,35 @@ class DiffusionTrainer(Trainer):
             return
         super()._load_best_model()
 
+    def _save_checkpoint(self, model, trial):
+        # A checkpoint counts once every rank has written it (see checkpoints.py); older ones are rotated out only
+        # after that, so a kill during a save never costs the previous complete checkpoint.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.parallel_state.barrier()
+        if self.args.should_save:
+            mark_complete(checkpoint_dir, global_step=self.state.global_step, layout=self.parallel_state.describe())
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.parallel_state.barrier()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # The final save is always the full hub-layout checkpoint that from_pretrained loads in one process, also
+        # when training checkpoints are sharded (DCP): gathered parameter by parameter onto rank 0's CPU.
+        if not (self.is_fsdp_enabled and not _internal_call):
+            return super().save_model(output_dir, _internal_call)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        self.parallel_state.barrier()
+
     def _loads_hub_layout(self, model) -> bool:
         return (isinstance(model, LLaDA2MoePreTrainedModel) and not self.is_fsdp_enabled
                 and not self.is_deepspeed_enabled)
@@ -199,8 +291,8 @@ class DiffusionTrainer(Trainer):
             return None
         count = sum(int(self.objective.supervised(batch)[0].sum()) for batch in batch_samples)
         count = torch.tensor(count, device=device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
+        if self.args.average_tokens_across_devices:
+            count = self.parallel_state.sum_over_data(count)  # one count per data replica
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -209,8 +301,9 @@ class DiffusionTrainer(Trainer):
         step = diffusion_step(model, inputs, self.objective, attn_implementation=self._attn_implementation(model),
                               mask_dtype=self._mask_dtype(model), num_items=num_items_in_batch)
         loss = step.loss.loss
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.accelerator.num_processes  # undo DDP/FSDP gradient averaging: a global token mean
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # DDP/FSDP average gradients over every rank; the loss is already a global token mean.
+            loss = loss * self.parallel_state.gradient_average_size
         window = self._train_window if model.training else self._eval_window
         if window is not None:
             window.add(step, row_tokens=inputs["input_ids"].numel())
@@ -254,8 +347,11 @@ class DiffusionTrainer(Trainer):
             self._train_window.reset()
         super().log(logs, start_time)
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Resume only from complete checkpoints, `last` meaning the newest one; refused before any work otherwise.
+        resume_from_checkpoint = resolve_resume_checkpoint(
+            resume_from_checkpoint, output_dir=self.args.output_dir, layout=self.parallel_state.describe())
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         # Data problems were skipped and counted; report them at the end, where the user looks.
         if self.data_reports and self.is_world_process_zero():
             for report in self.data_reports:
@@ -268,9 +364,7 @@ class DiffusionTrainer(Trainer):
     # --- helpers ----------------------------------------------------------------------------------------------
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.args.world_size > 1:
-            return self.accelerator.reduce(tensor.to(self.args.device), reduction="sum")
-        return tensor
+        return self.parallel_state.sum_over_data(tensor.to(self.args.device))
 
     def _attn_implementation(self, model) -> str:
         return self.accelerator.unwrap_model(model).config._attn_implementation

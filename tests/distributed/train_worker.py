@@ -1,9 +1,15 @@
-"""One DiffusionTrainer run, as a plain process or as one rank of `torchrun` (gloo, CPU): the multi-process half of
-tests/test_distributed.py. Trains the tiny model for a few SGD steps and, on the main process, writes the final
-parameters, the logged losses and the micro-batches every rank trained on to `--out`.
+"""One DiffusionTrainer run, as a plain process or as one rank of a distributed launch (gloo, CPU): the
+multi-process half of tests/distributed/. Trains the tiny model for a few steps and, on the main process, writes
+what the comparison needs to `--out`: the final parameters (gathered from FSDP shards), the logged losses, the
+micro-batches every rank trained on, and evidence that the layout engaged (DTensor parameters, mesh axes).
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed/train_worker.py --out run.pt --grad_accum 1
-    python tests/distributed/train_worker.py --out run.pt --grad_accum 2      # the same global steps, one process
+    accelerate launch --config_file configs/accelerate/cpu_fsdp2.yaml --num_processes 2 \\
+        tests/distributed/train_worker.py --out run.pt --grad_accum 2 --layout packed
+    torchrun --standalone --nproc_per_node 2 tests/distributed/train_worker.py ...   # DDP
+    python tests/distributed/train_worker.py --out run.pt --grad_accum 4 --layout packed   # the same steps, one process
+
+`--kill_during_save_at K` ends every rank with exit code 17 in the middle of writing checkpoint K (after the
+model and optimizer, before the RNG and trainer state), as a kill would; `--resume last` continues a run.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,49 +24,110 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer_helpers import demo_data, demo_model, demo_trainer  # noqa: E402
+from trainer_helpers import TOKENIZER, demo_args, demo_data, demo_model  # noqa: E402
+
+from dfactory_hf import DiffusionTrainer  # noqa: E402
+from dfactory_hf.parallel.fsdp import sharded_parameter_count  # noqa: E402
+from dfactory_hf.parallel.loading import from_pretrained_on_rank0  # noqa: E402
+
+KILLED = 17
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--grad_accum", type=int, required=True)
     parser.add_argument("--layout", choices=["packed", "padded"], required=True)
-    args = parser.parse_args()
+    parser.add_argument("--optim", default="sgd")
+    parser.add_argument("--max_steps", type=int, default=3)
+    parser.add_argument("--output_dir", default=None, help="Trainer output_dir (checkpoints); default a scratch dir")
+    parser.add_argument("--save_steps", type=int, default=0, help="0: no checkpoints")
+    parser.add_argument("--resume", default=None, help="--resume_from_checkpoint value (a path or `last`)")
+    parser.add_argument("--kill_during_save_at", type=int, default=0)
+    parser.add_argument("--save_model", default=None, help="save_model() into this directory at the end")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--dp_replicate_size", type=int, default=1)
+    parser.add_argument("--model_path", default=None, help="from_pretrained this checkpoint (default: demo_model)")
+    return parser.parse_args()
 
-    # ddp_backend in a plain process makes accelerate look for a process group that torchrun did not create.
+
+def main() -> None:
+    args = parse()
     distributed = dict(ddp_backend="gloo", ddp_timeout=60) if "WORLD_SIZE" in os.environ else {}
     layout = (dict(packing=True, max_seq_len=64, max_tokens_per_micro_batch=160) if args.layout == "packed"
               else dict(per_device_train_batch_size=3))
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = demo_trainer(
-            Path(scratch), model=demo_model(seed=0), data=demo_data(num_train=64, task="add2"),
-            optim="sgd", learning_rate=0.5, max_grad_norm=0.0, max_steps=3, logging_steps=1,
-            gradient_accumulation_steps=args.grad_accum, **distributed, **layout)
-        seen = []
-        collate = trainer.data_collator
+    saving = (dict(save_strategy="steps", save_steps=args.save_steps) if args.save_steps else {})
+    output_dir = Path(args.output_dir or Path(args.out).with_suffix(".run"))
+    learning_rate = 0.5 if args.optim == "sgd" else 3e-3
+    training_args = demo_args(
+        output_dir, optim=args.optim, learning_rate=learning_rate, max_grad_norm=0.0, max_steps=args.max_steps,
+        logging_steps=1, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
+        dp_replicate_size=args.dp_replicate_size, **saving, **distributed, **layout)
+    if args.model_path:
+        # As examples/sft_llada2.py: read on rank 0 only when the launch config asks for it.
+        model = from_pretrained_on_rank0(args.model_path, training_args, dtype=torch.float32)
+    else:
+        model = demo_model(seed=0)
+    on_meta = any(p.is_meta for p in model.parameters())
+    data = demo_data(num_train=64, task="add2")
+    trainer = DiffusionTrainer(model=model, args=training_args, train_dataset=data["train"],
+                               eval_dataset=data["test"], processing_class=TOKENIZER)
+    seen = []
+    collate = trainer.data_collator
 
-        def recording_collator(features):
-            seen.append(sorted(f["sample_index"] for f in features))
-            return collate(features)
+    def recording_collator(features):
+        seen.append(sorted(f["sample_index"] for f in features))
+        return collate(features)
 
-        trainer.data_collator = recording_collator
-        trainer.train()
-        # Trainer fetches one micro-batch beyond the last step before it stops: keep the trained ones.
-        seen = seen[: 3 * args.grad_accum]
-        everyone = [None] * trainer.args.world_size
-        if trainer.args.world_size > 1:
-            dist.all_gather_object(everyone, seen)
-        else:
-            everyone = [seen]
-        if trainer.is_world_process_zero():
-            torch.save(dict(
-                world_size=trainer.args.world_size,
-                parameters={name: p.detach().clone() for name, p in trainer.model.named_parameters()},
-                losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-                supervised=[entry["supervised_tokens"] for entry in trainer.state.log_history if "loss" in entry],
-                micro_batches=everyone,
-            ), args.out)
+    trainer.data_collator = recording_collator
+    if args.kill_during_save_at:
+        save_rng = trainer._save_rng_state
+
+        def killed_mid_save(checkpoint_dir):
+            if trainer.state.global_step == args.kill_during_save_at:
+                os._exit(KILLED)
+            save_rng(checkpoint_dir)
+
+        trainer._save_rng_state = killed_mid_save
+    trainer.train(resume_from_checkpoint=args.resume)
+    if args.save_model:
+        trainer.save_model(args.save_model)
+
+    # Trainer fetches one micro-batch beyond the last step before it stops: keep the trained ones.
+    seen = seen[: args.max_steps * args.grad_accum]
+    everyone, meta_ranks = [None] * trainer.args.world_size, [None] * trainer.args.world_size
+    if trainer.args.world_size > 1:
+        dist.all_gather_object(everyone, seen)
+        dist.all_gather_object(meta_ranks, on_meta)
+    else:
+        everyone, meta_ranks = [seen], [on_meta]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    num_sharded, num_params = sharded_parameter_count(trainer.model)
+    first = next(trainer.model.parameters())
+    local_numel = first.to_local().numel() if hasattr(first, "to_local") else first.numel()
+    if trainer.is_world_process_zero():
+        names = [name for name, _ in trainer.model.named_parameters()]
+        torch.save(dict(
+            world_size=trainer.args.world_size,
+            is_fsdp2=trainer.accelerator.is_fsdp2,
+            distributed_type=str(trainer.accelerator.distributed_type),
+            one_mesh=trainer.accelerator.torch_device_mesh is trainer.parallel_state.mesh,
+            shard_mesh=getattr(getattr(first, "device_mesh", None), "mesh_dim_names", None),
+            num_sharded=num_sharded, num_params=num_params,
+            first_local_numel=local_numel, first_numel=first.numel(),
+            layout=trainer.parallel_state.describe(),
+            parameters={name: full[name].detach().clone() for name in names},
+            losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            steps=[entry["step"] for entry in trainer.state.log_history if "loss" in entry],
+            supervised=[entry["supervised_tokens"] for entry in trainer.state.log_history if "loss" in entry],
+            micro_batches=everyone,
+            loaded_on_meta=meta_ranks,
+        ), args.out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

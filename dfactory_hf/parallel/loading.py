@@ -1,0 +1,94 @@
+"""Loading a big model into FSDP2 with about one copy of the weights per machine (`fsdp_cpu_ram_efficient_loading`).
+
+With the launch config's `fsdp_cpu_ram_efficient_loading: true`, `from_pretrained_on_rank0` reads the checkpoint
+on rank 0 only and builds the model on the meta device everywhere else (transformers 5.23's `from_pretrained`
+copies the whole checkpoint into every rank's model under FSDP too). After FSDP2 has sharded that model, rank 0
+broadcasts each tensor in turn and every rank keeps its own shard, so a rank's host memory peaks at its shards
+plus one tensor (rank 0: the model it read plus its shards).
+
+Why our own and not accelerate's `fsdp2_load_full_state_dict`: accelerate 1.15 assumes every state-dict entry is
+a DTensor and fails on persistent buffers, which FSDP2 does not shard (LLaDA2's router keeps `expert_bias` as
+one, a hub key), and it leaves non-persistent buffers (rotary `inv_freq`) as rank 0's copy only where
+transformers zero-filled them. Here parameters and all buffers go through one broadcast each.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def loads_on_rank0_only(args) -> bool:
+    """FSDP with `fsdp_cpu_ram_efficient_loading` in a multi-process run (creates the process group if needed)."""
+    from .fsdp import fsdp_requested
+
+    if not fsdp_requested(args) or args.world_size == 1:  # world_size sets up the process group
+        return False
+    plugin_args = args.fsdp_plugin_args or {}
+    flag = plugin_args.get("cpu_ram_efficient_loading", os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false"))
+    return str(flag).lower() == "true"
+
+
+def from_pretrained_on_rank0(path: str, args, **kwargs) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` on rank 0; the same model on the meta device
+    elsewhere when the run loads on rank 0 only (see `loads_on_rank0_only`), filled when FSDP2 has sharded it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not loads_on_rank0_only(args) or dist.get_rank() == 0:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path)
+    dtype = kwargs.pop("dtype", None)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype, **kwargs)
+    return model
+
+
+def wants_rank0_loading(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return bool(accelerator.is_fsdp2 and plugin.cpu_ram_efficient_loading and accelerator.num_processes > 1)
+
+
+class RankZeroBroadcastLoader:
+    """Capture rank 0's weights before FSDP2 shards the model; fill every rank's shards after."""
+
+    def __init__(self, model: torch.nn.Module, accelerator, optimizer: torch.optim.Optimizer):
+        self.device = accelerator.device
+        # References only (no copy): the full tensors stay alive on rank 0 until they are broadcast.
+        self.full = dict(_tensors(model)) if dist.get_rank() == 0 else None
+        # accelerate maps the optimizer's parameters to the sharded ones by data_ptr, which is 0 for every meta
+        # tensor: keep each group's parameter names to map them by name instead.
+        name_of = {id(t): name for name, t in _tensors(model)}
+        self.group_names = [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        # accelerate's own path would run (and fail) inside prepare; this loader replaces it.
+        accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
+
+    @torch.no_grad()
+    def load_into(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        sharded = dict(_tensors(model))
+        for group, names in zip(optimizer.param_groups, self.group_names):
+            group["params"] = [sharded[name] for name in names]
+        if any(t.is_meta for _, t in _tensors(model)):
+            model.to_empty(device=self.device)  # DTensor parameters keep their identity (the optimizer's)
+        for name, tensor in _tensors(model):
+            if self.full is not None:
+                full = self.full.pop(name).detach().to(self.device, tensor.dtype).contiguous()
+            else:
+                full = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+            dist.broadcast(full, src=0)
+            if isinstance(tensor, DTensor):
+                # src_data_rank=None: every rank already holds `full`, so each just keeps its own slice.
+                shard = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
+                tensor.to_local().copy_(shard.to_local())
+            else:
+                tensor.copy_(full)
+        assert not self.full, f"not in the sharded model: {sorted(self.full)[:5]}"
+
+
+def _tensors(model: torch.nn.Module):
+    # Activation checkpointing wraps layers after the capture; names are compared without the wrapper.
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        yield name.replace("_checkpoint_wrapped_module.", ""), tensor

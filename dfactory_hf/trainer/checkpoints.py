@@ -1,0 +1,81 @@
+"""Training checkpoints that survive a kill: complete-or-ignored, and resume that picks the newest complete one.
+
+Trainer writes `checkpoint-N/` piece by piece (model or DCP shards, optimizer, scheduler, RNG, trainer state); a
+kill in the middle leaves a directory that looks like a checkpoint but is not one. After every rank has finished
+writing, rank 0 adds `checkpoint_complete.json` (written to a temporary name and renamed, so the marker itself
+is atomic); only marked directories are resumed from, and older checkpoints are rotated out only after the new
+one is marked, so a kill during a save never costs the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+LAST = ("last", "true", "True")
+
+
+def mark_complete(checkpoint_dir: str, *, global_step: int, layout: dict[str, int]) -> None:
+    path = os.path.join(checkpoint_dir, COMPLETE_MARKER)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"global_step": global_step, **layout}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_marker(checkpoint_dir: str) -> dict | None:
+    path = os.path.join(checkpoint_dir, COMPLETE_MARKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        if match and read_marker(os.path.join(output_dir, name)) is not None:
+            steps.append((int(match.group(1)), name))
+    return os.path.join(output_dir, max(steps)[1]) if steps else None
+
+
+def resolve_resume_checkpoint(value: str | bool | None, *, output_dir: str, layout: dict[str, int]) -> str | None:
+    """`--resume_from_checkpoint` -> a complete checkpoint directory (or None: start fresh).
+
+    `last` (or True) takes the newest complete checkpoint in `output_dir`; a path must be a complete checkpoint.
+    Resuming with a different data-parallel size is refused: the sampler's plan of which documents each replica
+    trains on depends on it, so the resumed run could not continue the interrupted one exactly.
+    """
+    if value is None or value is False:
+        return None
+    if value is True or value in LAST:
+        found = newest_complete_checkpoint(output_dir)
+        if found is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint (a checkpoint-N directory "
+                             f"with {COMPLETE_MARKER}) in {output_dir}; train without it to start fresh.")
+        path = found
+    else:
+        path = str(value)
+        if not os.path.isdir(path):
+            raise ValueError(f"--resume_from_checkpoint ({path}) is not a directory; pass a checkpoint-N directory "
+                             "or `last`.")
+    marker = read_marker(path)
+    if marker is None:
+        newest = newest_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
+        raise ValueError(f"--resume_from_checkpoint ({path}) is incomplete (no {COMPLETE_MARKER}: its save was "
+                         f"interrupted); resume from the newest complete one ({newest}) or pass `last`.")
+    if marker.get("dp_size") != layout["dp_size"]:
+        raise ValueError(
+            f"--resume_from_checkpoint ({path}) was written with {marker.get('dp_size')} data-parallel replicas "
+            f"(world size {marker.get('world_size')}), this run has {layout['dp_size']} (world size "
+            f"{layout['world_size']}); resuming with a different data-parallel size is refused because the "
+            f"documents of each remaining step would differ. Launch with --num_processes "
+            f"{marker.get('world_size')} and the same parallel sizes.")
+    return path

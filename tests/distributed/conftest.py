@@ -1,0 +1,6 @@
+"""Multi-process tests import the shared helpers one folder up (trainer_helpers, ...)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
