@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict, load_dataset, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import TrlParser
 
 import dfactory_hf  # noqa: F401  (registers llada2_moe with the Auto classes)
@@ -35,6 +35,7 @@ from dfactory_hf import DiffusionTrainer, DiffusionTrainingArguments
 from dfactory_hf.data.arithmetic import make_arithmetic_dataset
 from dfactory_hf.data.tokenizer import DEMO_TOKENIZER_PATH
 from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config
+from dfactory_hf.parallel.loading import from_pretrained_on_rank0
 from dfactory_hf.trainer.evaluation import generate_answers
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "sft" / "tiny.yaml"
@@ -94,8 +95,10 @@ def load_model_and_tokenizer(script: ScriptArguments, args: DiffusionTrainingArg
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     if script.model_name_or_path:
         dtype = torch.bfloat16 if args.bf16 else "auto"
-        model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, dtype=dtype,
-                                                     attn_implementation=script.attn_implementation)
+        # Rank 0 reads the checkpoint, the other ranks build on the meta device and get their FSDP2 shards by
+        # broadcast, when the launch config sets fsdp_cpu_ram_efficient_loading (a plain from_pretrained otherwise).
+        model = from_pretrained_on_rank0(script.model_name_or_path, args, dtype=dtype,
+                                         attn_implementation=script.attn_implementation)
     else:
         torch.manual_seed(args.seed)
         overrides = json.loads(script.model_config_overrides) if script.model_config_overrides else {}
@@ -126,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     eval_split = data.get(script.dataset_test_split)
     trainer = DiffusionTrainer(model=model, args=args, train_dataset=data[script.dataset_train_split],
                                eval_dataset=eval_split, processing_class=tokenizer)
-    start_metrics = trainer.evaluate() if eval_split is not None else {}
+    # Under FSDP2 the model is sharded when training starts, so the "before" evaluation is skipped there.
+    evaluate_first = eval_split is not None and not trainer.is_fsdp_enabled
+    start_metrics = trainer.evaluate() if evaluate_first else {}
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     end_metrics = trainer.evaluate() if eval_split is not None else {}
     trainer.save_model(args.output_dir)
@@ -136,10 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
                **end_metrics}
     rows = [("train loss (mean over run)", f"{train_output.training_loss:.4f}")]
     if end_metrics:
+        def start_end(key: str, digits: int) -> str:
+            start = f"{start_metrics[key]:.{digits}f}" if start_metrics else "(not run under FSDP2)"
+            return f"{start} -> {end_metrics[key]:.{digits}f}"
+
         rows += [
-            ("held-out loss (start -> end)", f"{start_metrics['eval_loss']:.4f} -> {end_metrics['eval_loss']:.4f}"),
-            ("held-out masked-token accuracy (start -> end)",
-             f"{start_metrics['eval_masked_token_accuracy']:.3f} -> {end_metrics['eval_masked_token_accuracy']:.3f}"),
+            ("held-out loss (start -> end)", start_end("eval_loss", 4)),
+            ("held-out masked-token accuracy (start -> end)", start_end("eval_masked_token_accuracy", 3)),
         ]
         if "eval_elbo_perplexity" in end_metrics:
             rows.append(("held-out ELBO perplexity bound", f"{end_metrics['eval_elbo_perplexity']:.3f}"))

@@ -113,6 +113,9 @@ class ParallelState:
             return cls(sizes=sizes)
         if not dist.is_initialized():
             raise ValueError(f"world size {sizes.world_size} but no process group; {LAUNCH_HINT}.")
+        if dist.get_world_size() != sizes.world_size:
+            raise ValueError(f"parallel sizes for {sizes.world_size} ranks, but the process group has "
+                             f"{dist.get_world_size()}; resolve the sizes with world_size={dist.get_world_size()}.")
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, (sizes.dp_replicate, sizes.dp_shard, sizes.sp),

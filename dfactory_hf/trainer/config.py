@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
+import torch
 from transformers import TrainingArguments
 
 from ..diffusion.loss import LOSS_WEIGHTING_MODES
@@ -170,6 +171,10 @@ class DiffusionTrainingArguments(TrainingArguments):
     def __post_init__(self):
         # Our collators emit columns the model's forward does not name (prompt_length, noisy_input_ids, ...).
         self.remove_unused_columns = False
+        if not self.use_cpu and not torch.accelerator.is_available():
+            # No GPU: train on the CPU. Without use_cpu a multi-process launch would leave every rank training
+            # alone (accelerate's multi-process launcher does not pass a config's `use_cpu: true` on).
+            self.use_cpu = True
         super().__post_init__()
         self.validate_diffusion_fields()
 

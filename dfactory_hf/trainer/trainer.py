@@ -319,6 +319,14 @@ class DiffusionTrainer(Trainer):
 
     # --- evaluation and logging ---------------------------------------------------------------------------------
 
+    def evaluate(self, *args, **kwargs):
+        # Under FSDP2 the model is sharded (with its optimizer, as accelerate requires) when train() starts;
+        # Trainer's own evaluate-before-train path then fails inside accelerate with an unrelated message.
+        if self.is_fsdp_enabled and not self.accelerator._models:
+            raise ValueError("Under FSDP2, evaluate() works once train() has sharded the model: call it after "
+                             "train() (or set eval_strategy to evaluate during training).")
+        return super().evaluate(*args, **kwargs)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval") -> EvalLoopOutput:
         self._eval_window = MetricWindow()
