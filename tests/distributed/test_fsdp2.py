@@ -39,11 +39,13 @@ def runs(tmp_path_factory):
 
 
 def single(runs, layout: str, optim: str = "sgd") -> dict:
-    return runs(f"single-{layout}-{optim}", launcher="plain", grad_accum=4, layout=layout, optim=optim)
+    return runs(f"single-{layout}-{optim}", launcher="plain", grad_accum=4, layout=layout, optim=optim,
+                evaluate=optim == "sgd")
 
 
 def fsdp(runs, layout: str) -> dict:
-    return runs(f"fsdp-{layout}", launcher="accelerate", ranks=2, grad_accum=2, layout=layout, save_steps=2)
+    return runs(f"fsdp-{layout}", launcher="accelerate", ranks=2, grad_accum=2, layout=layout, save_steps=2,
+                evaluate=True)
 
 
 def assert_fsdp2_engaged(run: dict, *, ranks: int, shard_mesh: tuple[str, ...]) -> None:
@@ -60,7 +62,14 @@ def test_fsdp2_two_ranks_train_like_one_process(runs, layout):
     parallel = fsdp(runs, layout)
     assert_fsdp2_engaged(parallel, ranks=2, shard_mesh=("dp_shard_cp",))
     assert parallel["layout"]["dp_size"] == 2 and parallel["layout"]["dp_shard_size"] == 2
-    assert_same_training(parallel, single(runs, layout), num_steps=STEPS, atol=1e-5)
+    reference = single(runs, layout)
+    assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
+    # Evaluation after training, each data replica its share of the held-out set (ELBO batches in lockstep):
+    # the same token-weighted metrics as one process.
+    metrics, expected = parallel["eval_metrics"], reference["eval_metrics"]
+    for key in ("eval_loss", "eval_masked_token_accuracy", "eval_supervised_tokens", "eval_loss_t0.3",
+                "eval_loss_t0.7", "eval_elbo_nll"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
 def test_fsdp2_checkpoints_are_sharded_marked_and_the_final_save_is_the_hub_layout(runs, tmp_path):

@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--dp_replicate_size", type=int, default=1)
     parser.add_argument("--model_path", default=None, help="from_pretrained this checkpoint (default: demo_model)")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate() after training (loss, accuracy, ELBO)")
     return parser.parse_args()
 
 
@@ -62,7 +63,8 @@ def main() -> None:
     training_args = demo_args(
         output_dir, optim=args.optim, learning_rate=learning_rate, max_grad_norm=0.0, max_steps=args.max_steps,
         logging_steps=1, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
-        dp_replicate_size=args.dp_replicate_size, **saving, **distributed, **layout)
+        dp_replicate_size=args.dp_replicate_size, eval_mask_rates=[0.3, 0.7] if args.evaluate else [],
+        per_device_eval_batch_size=4, **saving, **distributed, **layout)
     if args.model_path:
         # As examples/sft_llada2.py: read on rank 0 only when the launch config asks for it.
         model = from_pretrained_on_rank0(args.model_path, training_args, dtype=torch.float32)
@@ -92,6 +94,7 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=args.resume)
     if args.save_model:
         trainer.save_model(args.save_model)
+    metrics = trainer.evaluate() if args.evaluate else {}
 
     # Trainer fetches one micro-batch beyond the last step before it stops: keep the trained ones.
     seen = seen[: args.max_steps * args.grad_accum]
@@ -124,6 +127,7 @@ def main() -> None:
             supervised=[entry["supervised_tokens"] for entry in trainer.state.log_history if "loss" in entry],
             micro_batches=everyone,
             loaded_on_meta=meta_ranks,
+            eval_metrics=metrics,
         ), args.out)
     if dist.is_initialized():
         dist.barrier()
