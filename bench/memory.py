@@ -69,7 +69,8 @@ def worker(args) -> None:
 
     distributed = dict(ddp_backend="gloo", ddp_timeout=120) if "WORLD_SIZE" in os.environ else {}
     training_args = demo_args(Path(args.scratch), optim="adamw_torch", max_steps=2, logging_steps=1, packing=True,
-                              max_seq_len=64, max_tokens_per_micro_batch=128, **distributed)
+                              max_seq_len=64, max_tokens_per_micro_batch=128,
+                              use_cpu=not torch.cuda.is_available(), **distributed)
     model = from_pretrained_on_rank0(args.checkpoint, training_args, dtype=torch.float32)
     data = demo_data(num_train=64, task="add2")
     trainer = DiffusionTrainer(model=model, args=training_args, train_dataset=data["train"],

@@ -184,7 +184,7 @@ def test_trainer_marks_rotates_and_resumes_from_last(tmp_path):
     output_dir, trained = _train_four_steps(tmp_path)
     # checkpoint-2 was rotated out only after checkpoint-4 was marked complete.
     assert _checkpoint_names(output_dir) == ["checkpoint-4"]
-    assert read_marker(str(output_dir / "checkpoint-4")) == {"global_step": 4, **LAYOUT}
+    assert read_marker(str(output_dir / "checkpoint-4")) == {"global_step": 4, **LAYOUT, "fsdp": False}
     fresh = demo_model().state_dict()
     assert any(not torch.equal(fresh[k], trained[k]) for k in trained)  # training moved the weights
 

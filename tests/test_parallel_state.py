@@ -259,5 +259,10 @@ def test_arguments_refuse_dp_replicate_size_zero(tmp_path):
 def test_arguments_accept_the_defaults(tmp_path):
     args = _args(tmp_path)
     assert (args.dp_replicate_size, args.dp_shard_size, args.sp_size, args.ep_size) == (1, -1, 1, 1)
-    explicit = _args(tmp_path, dp_replicate_size=2, dp_shard_size=4)  # checked against the world only later
-    assert (explicit.dp_replicate_size, explicit.dp_shard_size) == (2, 4)
+    explicit = _args(tmp_path, dp_replicate_size=1, dp_shard_size=1)  # 1 x 1 is this one-process world
+    assert (explicit.dp_replicate_size, explicit.dp_shard_size) == (1, 1)
+
+
+def test_arguments_refuse_sizes_for_several_ranks_in_one_process_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"ask for several ranks, but this is a one-process run .*`accelerate launch"):
+        _args(tmp_path, dp_replicate_size=2, dp_shard_size=4)

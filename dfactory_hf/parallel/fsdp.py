@@ -43,6 +43,21 @@ def check_fsdp_engaged(accelerator, args) -> None:
             "(configs/accelerate/cpu_fsdp2.yaml on CPU) and launch with `accelerate launch`.")
 
 
+def check_fsdp_wrap_classes(model: torch.nn.Module, args) -> None:
+    """The sharding unit named by the launch config (or `--fsdp_config`) must exist in the model, checked before
+    any data work (accelerate would only say so when train() starts)."""
+    plugin_args = args.fsdp_plugin_args or {}
+    names = plugin_args.get("transformer_cls_names_to_wrap") or os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    if not names:
+        return  # accelerate then wraps the model's `_no_split_modules`
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [name for name in names.split(",") if name.strip() and name.strip() not in present]
+    if missing:
+        layers = getattr(model, "_no_split_modules", None)
+        raise ValueError(f"fsdp_transformer_layer_cls_to_wrap ({names}) names no module of {type(model).__name__} "
+                         f"(missing: {missing}); set it to the model's decoder layer class ({layers}).")
+
+
 def unpin_cpu_offload(accelerator) -> None:
     """CPU offload on a machine without an accelerator: pinned host memory needs a device, so do not pin."""
     from torch.distributed.fsdp import CPUOffloadPolicy

@@ -39,9 +39,11 @@ def from_pretrained_on_rank0(path: str, args, **kwargs) -> torch.nn.Module:
     if not loads_on_rank0_only(args) or dist.get_rank() == 0:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     config = AutoConfig.from_pretrained(path)
-    dtype = kwargs.pop("dtype", None)
+    dtype = kwargs.pop("dtype", "auto")
+    # The dtype rank 0's from_pretrained picks ("auto": the checkpoint's), or the broadcasts would not match.
+    dtype = getattr(config, "dtype", None) if dtype == "auto" else dtype
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **kwargs)
     return model
 
 
@@ -54,9 +56,15 @@ class RankZeroBroadcastLoader:
     """Capture rank 0's weights before FSDP2 shards the model; fill every rank's shards after."""
 
     def __init__(self, model: torch.nn.Module, accelerator, optimizer: torch.optim.Optimizer):
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
         self.device = accelerator.device
-        # References only (no copy): the full tensors stay alive on rank 0 until they are broadcast.
-        self.full = dict(_tensors(model)) if dist.get_rank() == 0 else None
+        # Parameters under CPU offload live on the CPU (FSDP2 requires it), the broadcast still runs on the device.
+        offload = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+        self.param_device = torch.device("cpu") if offload else self.device
+        # Detached views of the host tensors (no copy), kept alive on rank 0 until broadcast: not the Parameter
+        # objects, whose `.data` FSDP2 moves to the device before sharding (a full device copy per tensor).
+        self.full = {name: t.detach() for name, t in _tensors(model)} if dist.get_rank() == 0 else None
         # accelerate maps the optimizer's parameters to the sharded ones by data_ptr, which is 0 for every meta
         # tensor: keep each group's parameter names to map them by name instead.
         name_of = {id(t): name for name, t in _tensors(model)}
@@ -72,7 +80,7 @@ class RankZeroBroadcastLoader:
         for group, names in zip(optimizer.param_groups, self.group_names):
             group["params"] = [sharded[name] for name in names]
         if any(t.is_meta for _, t in _tensors(model)):
-            model.to_empty(device=self.device)  # DTensor parameters keep their identity (the optimizer's)
+            model.to_empty(device=self.param_device)  # DTensor parameters keep their identity (the optimizer's)
         for name, tensor in _tensors(model):
             if self.full is not None:
                 full = self.full.pop(name).detach().to(self.device, tensor.dtype).contiguous()
@@ -84,7 +92,7 @@ class RankZeroBroadcastLoader:
                 shard = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
                 tensor.to_local().copy_(shard.to_local())
             else:
-                tensor.copy_(full)
+                tensor.copy_(full.to(tensor.device))
         assert not self.full, f"not in the sharded model: {sorted(self.full)[:5]}"
 
 

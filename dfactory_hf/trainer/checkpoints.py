@@ -12,13 +12,43 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+from pathlib import Path
+
+from transformers.trainer_utils import sort_checkpoints
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 LAST = ("last", "true", "True")
 
 
-def mark_complete(checkpoint_dir: str, *, global_step: int, layout: dict[str, int]) -> None:
+def unmark(checkpoint_dir: str) -> None:
+    """Before (re)writing or deleting a checkpoint: it stops counting first."""
+    path = os.path.join(checkpoint_dir, COMPLETE_MARKER)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def rotate(run_dir: str, *, save_total_limit: int | None, best_model_checkpoint: str | None) -> None:
+    """transformers' `rotate_checkpoints` (same choice of what to delete), unmarking each checkpoint before its
+    `rmtree`, so a kill during the deletion never leaves a marked, half-deleted directory."""
+    if save_total_limit is None or save_total_limit <= 0:
+        return
+    checkpoints = sort_checkpoints(run_dir, use_mtime=True)
+    protected = {checkpoints[-1]} if checkpoints else set()
+    if best_model_checkpoint is not None:
+        protected.add(str(Path(best_model_checkpoint)))
+    remaining = len(checkpoints)
+    for checkpoint in checkpoints:
+        if remaining <= max(save_total_limit, len(protected)):
+            break
+        if checkpoint not in protected:
+            unmark(checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            remaining -= 1
+
+
+def mark_complete(checkpoint_dir: str, *, global_step: int, layout: dict) -> None:
     path = os.path.join(checkpoint_dir, COMPLETE_MARKER)
     with open(path + ".tmp", "w") as f:
         json.dump({"global_step": global_step, **layout}, f)
@@ -46,7 +76,7 @@ def newest_complete_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, max(steps)[1]) if steps else None
 
 
-def resolve_resume_checkpoint(value: str | bool | None, *, output_dir: str, layout: dict[str, int]) -> str | None:
+def resolve_resume_checkpoint(value: str | bool | None, *, output_dir: str, layout: dict) -> str | None:
     """`--resume_from_checkpoint` -> a complete checkpoint directory (or None: start fresh).
 
     `last` (or True) takes the newest complete checkpoint in `output_dir`; a path must be a complete checkpoint.
@@ -70,7 +100,8 @@ def resolve_resume_checkpoint(value: str | bool | None, *, output_dir: str, layo
     if marker is None:
         newest = newest_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
         raise ValueError(f"--resume_from_checkpoint ({path}) is incomplete (no {COMPLETE_MARKER}: its save was "
-                         f"interrupted); resume from the newest complete one ({newest}) or pass `last`.")
+                         f"interrupted, or it was not written by DiffusionTrainer); resume from the newest complete "
+                         f"one ({newest}) or pass `last`.")
     if marker.get("dp_size") != layout["dp_size"]:
         raise ValueError(
             f"--resume_from_checkpoint ({path}) was written with {marker.get('dp_size')} data-parallel replicas "
@@ -78,4 +109,8 @@ def resolve_resume_checkpoint(value: str | bool | None, *, output_dir: str, layo
             f"{layout['world_size']}); resuming with a different data-parallel size is refused because the "
             f"documents of each remaining step would differ. Launch with --num_processes "
             f"{marker.get('world_size')} and the same parallel sizes.")
+    if bool(marker.get("fsdp")) != bool(layout.get("fsdp")):
+        kinds = {True: "FSDP2 (sharded DCP files)", False: "without FSDP"}
+        raise ValueError(f"--resume_from_checkpoint ({path}) was written {kinds[bool(marker.get('fsdp'))]}, this run "
+                         f"is {kinds[bool(layout.get('fsdp'))]}; resume with the launch config it was trained with.")
     return path

@@ -8,6 +8,7 @@ Validation lives in an idempotent `__post_init__` and names the flag, its value,
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
@@ -15,7 +16,7 @@ from transformers import TrainingArguments
 
 from ..diffusion.loss import LOSS_WEIGHTING_MODES
 from ..diffusion.noise import validate_noise_range
-from ..parallel.state import check_size_flags
+from ..parallel.state import ParallelSizes, check_size_flags
 
 OVERLONG_POLICIES = ("skip", "truncate")
 
@@ -175,6 +176,7 @@ class DiffusionTrainingArguments(TrainingArguments):
             # No GPU: train on the CPU. Without use_cpu a multi-process launch would leave every rank training
             # alone (accelerate's multi-process launcher does not pass a config's `use_cpu: true` on).
             self.use_cpu = True
+        self.validate_parallel_fields()  # before TrainingArguments sets up the distributed state
         super().__post_init__()
         self.validate_diffusion_fields()
 
@@ -239,18 +241,25 @@ class DiffusionTrainingArguments(TrainingArguments):
                 "dataloader_persistent_workers=True would freeze the collator's epoch inside the workers, so every "
                 "epoch would reuse the same noise; set it to False."
             )
-        self.validate_parallel_fields()
         if self.use_peft and self.lora_r <= 0:
             raise ValueError(f"lora_r ({self.lora_r}) must be > 0 with use_peft.")
 
     def validate_parallel_fields(self) -> None:
-        """What can be checked without the world size (the rest: `ParallelSizes.resolve` at trainer build)."""
+        """At argument parsing, before a model is loaded; the trainer checks again with the process group and the
+        model's expert count (`ParallelState.from_args`)."""
         check_size_flags(dp_replicate_size=self.dp_replicate_size, dp_shard_size=self.dp_shard_size,
                          sp_size=self.sp_size, ep_size=self.ep_size)
         for flag, what in (("sp_size", "Ulysses sequence parallel"), ("ep_size", "expert parallel")):
             if getattr(self, flag) > 1:
                 raise ValueError(f"--{flag} ({getattr(self, flag)}): {what} is not available in this version of "
                                  f"dfactory_hf; use --{flag} 1 (FSDP2 over --dp_shard_size ranks shards the model).")
+        # `WORLD_SIZE` is how torchrun and accelerate launch tell each process the world size.
+        ParallelSizes.resolve(world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                              dp_replicate_size=self.dp_replicate_size, dp_shard_size=self.dp_shard_size,
+                              sp_size=self.sp_size, ep_size=self.ep_size)
+        if self.parallelism_config is not None:
+            raise ValueError("Set the parallel layout with --dp_replicate_size / --dp_shard_size (dfactory_hf builds "
+                             "the mesh and hands it to accelerate), not with TrainingArguments.parallelism_config.")
 
     @property
     def uses_token_budget(self) -> bool:

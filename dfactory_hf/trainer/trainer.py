@@ -13,17 +13,18 @@ import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import TokenBudgetBatchSampler
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
-from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, engage_fsdp_on_cpu, fsdp_requested,
+from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_wrap_classes,
+                             engage_fsdp_on_cpu, fsdp_requested,
                              take_activation_checkpointing_switch, unpin_cpu_offload)
 from ..parallel.loading import RankZeroBroadcastLoader, wants_rank0_loading
 from ..parallel.state import ParallelState
-from .checkpoints import mark_complete, resolve_resume_checkpoint
+from .checkpoints import mark_complete, resolve_resume_checkpoint, rotate, unmark
 from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
 from .forward import DiffusionObjective, diffusion_step
@@ -64,6 +65,8 @@ class DiffusionTrainer(Trainer):
                 f"FSDP is requested but dp_shard_size x sp_size is 1 (dp_replicate_size={args.dp_replicate_size} "
                 f"takes all {args.world_size} ranks): nothing to shard over. Use --dp_shard_size -1, or launch "
                 "without the FSDP config for plain data parallel.")
+        if fsdp_requested(args):
+            check_fsdp_wrap_classes(model, args)
 
         self.data_reports: list[DataReport] = []
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
@@ -103,9 +106,6 @@ class DiffusionTrainer(Trainer):
     def _build_accelerator_args(self, **kwargs):
         # Hand accelerate our mesh, so FSDP2 shards over its named axes and there is one mesh, not two.
         args = super()._build_accelerator_args(**kwargs)
-        if self.args.parallelism_config is not None:
-            raise ValueError("Set the parallel layout with --dp_replicate_size / --dp_shard_size (dfactory_hf builds "
-                             "the mesh and hands it to accelerate), not with TrainingArguments.parallelism_config.")
         if fsdp_requested(self.args) and self.parallel_state.mesh is not None:
             args["parallelism_config"] = self.parallel_state.accelerate_parallelism_config()
         return args
@@ -252,19 +252,24 @@ class DiffusionTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         # A checkpoint counts once every rank has written it (see checkpoints.py); older ones are rotated out only
         # after that, so a kill during a save never costs the previous complete checkpoint.
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unmark(checkpoint_dir)  # a directory being rewritten (a rerun into the same output_dir) stops counting
+        self.parallel_state.barrier()
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        run_dir = self._get_output_dir(trial=trial)
-        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self.parallel_state.barrier()
         if self.args.should_save:
-            mark_complete(checkpoint_dir, global_step=self.state.global_step, layout=self.parallel_state.describe())
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            mark_complete(checkpoint_dir, global_step=self.state.global_step, layout=self._checkpoint_layout())
+            rotate(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
         self.parallel_state.barrier()
+
+    def _checkpoint_layout(self) -> dict:
+        return {**self.parallel_state.describe(), "fsdp": self.is_fsdp_enabled}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # The final save is always the full hub-layout checkpoint that from_pretrained loads in one process, also
@@ -358,7 +363,7 @@ class DiffusionTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         # Resume only from complete checkpoints, `last` meaning the newest one; refused before any work otherwise.
         resume_from_checkpoint = resolve_resume_checkpoint(
-            resume_from_checkpoint, output_dir=self.args.output_dir, layout=self.parallel_state.describe())
+            resume_from_checkpoint, output_dir=self.args.output_dir, layout=self._checkpoint_layout())
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         # Data problems were skipped and counted; report them at the end, where the user looks.
         if self.data_reports and self.is_world_process_zero():

@@ -154,6 +154,7 @@ def test_cpu_offload_is_exact(runs):
                      launch_flags=("--fsdp_offload_params", "true"))
     assert_fsdp2_engaged(offloaded, ranks=2, shard_mesh=("dp_shard_cp",))
     plain = fsdp(runs, "packed")
+    assert offloaded["offload"] == "CPUOffloadPolicy" and plain["offload"] == "OffloadPolicy"  # engaged
     assert offloaded["losses"] == plain["losses"]
     for name, value in plain["parameters"].items():
         assert torch.equal(offloaded["parameters"][name], value), name

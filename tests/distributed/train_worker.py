@@ -110,11 +110,13 @@ def main() -> None:
     num_sharded, num_params = sharded_parameter_count(trainer.model)
     first = next(trainer.model.parameters())
     local_numel = first.to_local().numel() if hasattr(first, "to_local") else first.numel()
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if trainer.is_world_process_zero():
         names = [name for name, _ in trainer.model.named_parameters()]
         torch.save(dict(
             world_size=trainer.args.world_size,
             is_fsdp2=trainer.accelerator.is_fsdp2,
+            offload=type(getattr(plugin, "cpu_offload", None)).__name__,
             distributed_type=str(trainer.accelerator.distributed_type),
             one_mesh=trainer.accelerator.torch_device_mesh is trainer.parallel_state.mesh,
             shard_mesh=getattr(getattr(first, "device_mesh", None), "mesh_dim_names", None),
