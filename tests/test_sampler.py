@@ -233,3 +233,16 @@ def test_trainer_takes_the_batch_sampler_path(tmp_path):
 def test_invalid_arguments_raise_with_the_rule_and_the_fix(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make(**overrides)
+
+
+@pytest.mark.parametrize("num_items,batch_size,ranks", [(9, 4, 2), (16, 4, 2), (5, 2, 4), (3, 4, 4), (0, 2, 2)])
+def test_replica_eval_batches_cover_each_item_once_in_lockstep(num_items, batch_size, ranks):
+    from dfactory_hf.data.sampler import ReplicaEvalBatchSampler
+
+    samplers = [ReplicaEvalBatchSampler(num_items=num_items, batch_size=batch_size, data_parallel_rank=r,
+                                        data_parallel_size=ranks) for r in range(ranks)]
+    assert len({len(s) for s in samplers}) == 1  # the same number of batches on every rank
+    counted = [i for s in samplers for batch in list(s)[: s.num_real_batches] for i in batch]
+    assert sorted(counted) == list(range(num_items))  # every item once, fillers excluded
+    for s in samplers:
+        assert all(len(batch) <= batch_size for batch in s) and all(batch for batch in s)

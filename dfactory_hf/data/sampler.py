@@ -71,6 +71,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import logging
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -424,3 +425,33 @@ if __name__ == "__main__":  # the numbers quoted in the module docstring
         fill = sum(doc_lengths) / (len(sampler) * 8192)
         print(f"buffer_size={buffer:4d}: {len(sampler)} micro-batches, fill {fill:.3f}, "
               f"plan {time.perf_counter() - began:.2f} s")
+
+
+class ReplicaEvalBatchSampler(BatchRebalanceSampler):
+    """This data replica's share of a held-out set, in order, in batches of `batch_size`; every rank yields the
+    same number of batches (FSDP forwards are collectives), a rank with fewer items repeating its first batch.
+
+    accelerate's own sharding (`even_batches`) would instead repeat the first *documents* of the set on the last
+    global batch, which the diffusion metrics (summed in the trainer, not gathered) would count twice. Here the
+    repeats are whole batches past `num_real_batches`, which the trainer leaves out of the metrics.
+    """
+
+    def __init__(self, *, num_items: int, batch_size: int, data_parallel_rank: int, data_parallel_size: int):
+        if batch_size < 1:
+            raise ValueError(f"per_device_eval_batch_size ({batch_size}) must be >= 1.")
+        # The parent is only the type Trainer recognises as rank-aware; its planning is not used.
+        placeholder = max(num_items, data_parallel_size)
+        super().__init__(lengths=[1] * placeholder, effective_batch_size=placeholder, dp_size=data_parallel_size,
+                         grad_accum=1, shuffle=False, rank=data_parallel_rank, drop_last=False)
+        share = list(range(data_parallel_rank, num_items, data_parallel_size))
+        self.batches = [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
+        self.num_real_batches = len(self.batches)
+        num_batches = math.ceil(math.ceil(num_items / data_parallel_size) / batch_size)
+        filler = self.batches[0] if self.batches else [0]
+        self.batches += [filler] * (num_batches - len(self.batches))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from ..data.arithmetic import exact_match, extract_answer
+from ..data.sampler import ReplicaEvalBatchSampler
 from .forward import diffusion_step
 
 
@@ -22,16 +23,6 @@ def _replica_share(trainer, num_items: int) -> list[int]:
     """This data replica's share of item indices."""
     state = trainer.parallel_state
     return list(range(state.dp_rank, num_items, state.dp_size))
-
-
-def _lockstep_batches(trainer, num_items: int, batch_size: int) -> list[list[int]]:
-    """This replica's items in batches, the same number of batches on every rank: under FSDP every forward is a
-    collective, so a rank with fewer items repeats its first batch (`[]` marks it: run, then discard)."""
-    share = _replica_share(trainer, num_items)
-    per_rank = math.ceil(num_items / trainer.parallel_state.dp_size)
-    num_batches = math.ceil(per_rank / batch_size)
-    batches = [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
-    return batches + [[]] * (num_batches - len(batches))
 
 
 def _reduce(trainer, values: list[float]) -> list[float]:
@@ -44,19 +35,21 @@ def evaluate_elbo(trainer, dataset, *, prefix: str = "eval") -> dict[str, float]
     model = trainer.model
     was_training = model.training
     model.eval()
-    batches = _lockstep_batches(trainer, len(dataset), trainer.args.per_device_eval_batch_size)
+    # This replica's share, the same number of batches on every rank (FSDP forwards are collectives).
+    batches = ReplicaEvalBatchSampler(num_items=len(dataset), batch_size=trainer.args.per_device_eval_batch_size,
+                                      data_parallel_rank=trainer.parallel_state.dp_rank,
+                                      data_parallel_size=trainer.parallel_state.dp_size)
     response_tokens = sum(n - p for n, p in zip(dataset["num_tokens"], dataset["prompt_length"]))
     metrics, nll_terms = {}, []
     for rate in trainer.args.eval_mask_rates:
         collator = replace(trainer._eval_collator, fixed_mask_rate=rate, complementary_masking=False)
         ce_sum = supervised = 0.0
-        for items in batches:
-            batch = collator([dataset[i] for i in (items or batches[0] or [0])])
-            batch = trainer._prepare_inputs(batch)
+        for index, items in enumerate(batches):
+            batch = trainer._prepare_inputs(collator([dataset[i] for i in items]))
             step = diffusion_step(model, batch, trainer.objective,
                                   attn_implementation=trainer._attn_implementation(model),
                                   mask_dtype=trainer._mask_dtype(model))
-            if items:
+            if index < batches.num_real_batches:
                 ce_sum += float(step.loss.ce_sum)
                 supervised += step.loss.num_tokens
         ce_sum, supervised = _reduce(trainer, [ce_sum, supervised])

@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
-from ..data.sampler import TokenBudgetBatchSampler
+from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
 from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_wrap_classes,
                              engage_fsdp_on_cpu, fsdp_requested,
@@ -91,6 +91,8 @@ class DiffusionTrainer(Trainer):
         self._train_window = MetricWindow()
         self._eval_window: MetricWindow | None = None
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
+        self._eval_batch_sampler: ReplicaEvalBatchSampler | None = None
+        self._eval_batch_index = 0
 
     # --- parallelism ------------------------------------------------------------------------------------------
 
@@ -193,6 +195,16 @@ class DiffusionTrainer(Trainer):
         tokens = sum(dataset["num_tokens"]) * (2 if self.args.complementary_masking else 1)
         per_step = self.args.token_budget * self.parallel_state.dp_size * self.args.gradient_accumulation_steps
         return max(1, math.ceil(self.args.num_train_epochs * tokens / per_step))
+
+    def _get_eval_sampler(self, eval_dataset):
+        # Several data replicas: each evaluates its own share, no document twice (see ReplicaEvalBatchSampler).
+        if self.parallel_state.dp_size == 1 or eval_dataset is None:
+            self._eval_batch_sampler = None
+            return super()._get_eval_sampler(eval_dataset)
+        self._eval_batch_sampler = ReplicaEvalBatchSampler(
+            num_items=len(eval_dataset), batch_size=self.args.per_device_eval_batch_size,
+            data_parallel_rank=self.parallel_state.dp_rank, data_parallel_size=self.parallel_state.dp_size)
+        return self._eval_batch_sampler
 
     def get_eval_dataloader(self, eval_dataset=None):
         # Evaluation noise is pinned (its own collator, epoch 0) so held-out losses compare across evaluations.
@@ -318,8 +330,16 @@ class DiffusionTrainer(Trainer):
         # Diffusion batches have no model-side loss or labels to compare; evaluation metrics are accumulated
         # in the eval window instead.
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
+        # A batch that only keeps the ranks in step (ReplicaEvalBatchSampler) runs, but is not counted.
+        sampler, index = self._eval_batch_sampler, self._eval_batch_index
+        self._eval_batch_index += 1
+        counted = sampler is None or index < sampler.num_real_batches
+        window, self._eval_window = self._eval_window, (self._eval_window if counted else None)
+        try:
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+        finally:
+            self._eval_window = window
         return loss.detach(), None, None
 
     # --- evaluation and logging ---------------------------------------------------------------------------------
@@ -334,7 +354,7 @@ class DiffusionTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval") -> EvalLoopOutput:
-        self._eval_window = MetricWindow()
+        self._eval_window, self._eval_batch_index = MetricWindow(), 0
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
