@@ -43,9 +43,18 @@ def check_fsdp_engaged(accelerator, args) -> None:
             "(configs/accelerate/cpu_fsdp2.yaml on CPU) and launch with `accelerate launch`.")
 
 
+def check_fsdp_layout(model: torch.nn.Module, args, sizes) -> None:
+    """Before any data work (accelerate would only say so when train() starts): something to shard over, and
+    the sharding unit named by the launch config (or `--fsdp_config`) present in the model."""
+    if sizes.world_size > 1 and sizes.fsdp_shard == 1:
+        raise ValueError(
+            f"FSDP is requested but dp_shard_size x sp_size is 1 (dp_replicate_size={sizes.dp_replicate} takes all "
+            f"{sizes.world_size} ranks): nothing to shard over. Use --dp_shard_size -1, or launch without the FSDP "
+            "config for plain data parallel.")
+    check_fsdp_wrap_classes(model, args)
+
+
 def check_fsdp_wrap_classes(model: torch.nn.Module, args) -> None:
-    """The sharding unit named by the launch config (or `--fsdp_config`) must exist in the model, checked before
-    any data work (accelerate would only say so when train() starts)."""
     plugin_args = args.fsdp_plugin_args or {}
     names = plugin_args.get("transformer_cls_names_to_wrap") or os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
     if not names:

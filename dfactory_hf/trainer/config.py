@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 
 from ..diffusion.loss import LOSS_WEIGHTING_MODES
 from ..diffusion.noise import validate_noise_range
-from ..parallel.state import ParallelSizes, check_size_flags
+from ..parallel.state import ParallelSizes
 
 OVERLONG_POLICIES = ("skip", "truncate")
 
@@ -247,13 +247,12 @@ class DiffusionTrainingArguments(TrainingArguments):
     def validate_parallel_fields(self) -> None:
         """At argument parsing, before a model is loaded; the trainer checks again with the process group and the
         model's expert count (`ParallelState.from_args`)."""
-        check_size_flags(dp_replicate_size=self.dp_replicate_size, dp_shard_size=self.dp_shard_size,
-                         sp_size=self.sp_size, ep_size=self.ep_size)
         for flag, what in (("sp_size", "Ulysses sequence parallel"), ("ep_size", "expert parallel")):
             if getattr(self, flag) > 1:
                 raise ValueError(f"--{flag} ({getattr(self, flag)}): {what} is not available in this version of "
                                  f"dfactory_hf; use --{flag} 1 (FSDP2 over --dp_shard_size ranks shards the model).")
-        # `WORLD_SIZE` is how torchrun and accelerate launch tell each process the world size.
+        # Sizes < 1, then against the world size: `WORLD_SIZE` is how torchrun and accelerate launch tell each
+        # process the world size.
         ParallelSizes.resolve(world_size=int(os.environ.get("WORLD_SIZE", "1")),
                               dp_replicate_size=self.dp_replicate_size, dp_shard_size=self.dp_shard_size,
                               sp_size=self.sp_size, ep_size=self.ep_size)

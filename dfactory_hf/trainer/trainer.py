@@ -19,7 +19,7 @@ from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollato
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
-from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_wrap_classes,
+from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_layout,
                              engage_fsdp_on_cpu, fsdp_requested,
                              take_activation_checkpointing_switch, unpin_cpu_offload)
 from ..parallel.loading import RankZeroBroadcastLoader, wants_rank0_loading
@@ -60,13 +60,8 @@ class DiffusionTrainer(Trainer):
         self.parallel_state = ParallelState.from_args(
             args, world_size=args.world_size, num_experts=getattr(getattr(model, "config", None), "num_experts", None),
             device_type=args.device.type)
-        if fsdp_requested(args) and args.world_size > 1 and self.parallel_state.sizes.fsdp_shard == 1:
-            raise ValueError(
-                f"FSDP is requested but dp_shard_size x sp_size is 1 (dp_replicate_size={args.dp_replicate_size} "
-                f"takes all {args.world_size} ranks): nothing to shard over. Use --dp_shard_size -1, or launch "
-                "without the FSDP config for plain data parallel.")
         if fsdp_requested(args):
-            check_fsdp_wrap_classes(model, args)
+            check_fsdp_layout(model, args, self.parallel_state.sizes)
 
         self.data_reports: list[DataReport] = []
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
