@@ -240,10 +240,19 @@ def test_one_process_state_has_no_mesh(tmp_path):
 # --- DiffusionTrainingArguments -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flag", "what"), [("sp_size", "Ulysses sequence parallel"), ("ep_size", "expert parallel")])
-def test_arguments_refuse_sp_and_ep_naming_the_flag(tmp_path, flag, what):
-    with pytest.raises(ValueError, match=rf"--{flag} \(2\): {what} is not available.*use --{flag} 1"):
-        _args(tmp_path, **{flag: 2})
+def test_arguments_refuse_ep_naming_the_flag(tmp_path):
+    with pytest.raises(ValueError, match=r"--ep_size \(2\): expert parallel is not available.*use --ep_size 1"):
+        _args(tmp_path, ep_size=2)
+
+
+def test_arguments_refuse_sp_in_a_one_process_run(tmp_path):
+    with pytest.raises(ValueError, match=r"sp_size=2.*one-process run \(world size 1\)"):
+        _args(tmp_path, sp_size=2)
+
+
+def test_arguments_refuse_rows_shorter_than_sp_blocks(tmp_path):
+    with pytest.raises(ValueError, match=r"--max_seq_len \(8\) must be >= sp_size x block_size \(4 x 4 = 16\)"):
+        _args(tmp_path, sp_size=4, max_seq_len=8, block_size=4)
 
 
 def test_arguments_refuse_dp_shard_size_zero(tmp_path):

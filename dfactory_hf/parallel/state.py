@@ -189,6 +189,14 @@ class ParallelState:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.submesh("dp").get_group())
         return tensor
 
+    def sum_over_world(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank: for per-rank partial sums (each sp rank holds part of a replica's positions)."""
+        if self.world_size == 1:
+            return tensor
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

@@ -149,8 +149,10 @@ class DiffusionTrainingArguments(TrainingArguments):
     )
     sp_size: int = field(
         default=1,
-        metadata={"help": "Ulysses sequence-parallel degree (>= 1): ranks that split one row's sequence. Not "
-                          "available in this version (refused when > 1)."},
+        metadata={"help": "Ulysses sequence-parallel degree (>= 1): ranks that split every row's sequence (each "
+                          "holds 1/sp of the x_t and of the x_0 half); must divide the model's attention heads; "
+                          "rows are padded to a multiple of sp x block_size. The sp ranks of a data replica "
+                          "train on the same batch."},
     )
     ep_size: int = field(
         default=1,
@@ -247,10 +249,14 @@ class DiffusionTrainingArguments(TrainingArguments):
     def validate_parallel_fields(self) -> None:
         """At argument parsing, before a model is loaded; the trainer checks again with the process group and the
         model's expert count (`ParallelState.from_args`)."""
-        for flag, what in (("sp_size", "Ulysses sequence parallel"), ("ep_size", "expert parallel")):
-            if getattr(self, flag) > 1:
-                raise ValueError(f"--{flag} ({getattr(self, flag)}): {what} is not available in this version of "
-                                 f"dfactory_hf; use --{flag} 1 (FSDP2 over --dp_shard_size ranks shards the model).")
+        if self.ep_size > 1:
+            raise ValueError(f"--ep_size ({self.ep_size}): expert parallel is not available in this version of "
+                             "dfactory_hf; use --ep_size 1 (FSDP2 over --dp_shard_size ranks shards the model).")
+        if self.sp_size > 1 and isinstance(self.block_size, int) and self.max_seq_len < self.sp_size * self.block_size:
+            raise ValueError(
+                f"--max_seq_len ({self.max_seq_len}) must be >= sp_size x block_size ({self.sp_size} x "
+                f"{self.block_size} = {self.sp_size * self.block_size}): sequence parallel gives each of the sp "
+                "ranks whole blocks of every row; raise --max_seq_len or lower --sp_size.")
         # Sizes < 1, then against the world size: `WORLD_SIZE` is how torchrun and accelerate launch tell each
         # process the world size.
         ParallelSizes.resolve(world_size=int(os.environ.get("WORLD_SIZE", "1")),

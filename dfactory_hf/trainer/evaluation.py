@@ -25,9 +25,11 @@ def _replica_share(trainer, num_items: int) -> list[int]:
     return list(range(state.dp_rank, num_items, state.dp_size))
 
 
-def _reduce(trainer, values: list[float]) -> list[float]:
+def _reduce(trainer, values: list[float], *, over_every_rank: bool = False) -> list[float]:
+    """Sum over data replicas (one value per replica), or over every rank for per-rank partial sums."""
     tensor = torch.tensor(values, dtype=torch.float64, device=trainer.args.device)
-    return trainer.parallel_state.sum_over_data(tensor).tolist()
+    state = trainer.parallel_state
+    return (state.sum_over_world(tensor) if over_every_rank else state.sum_over_data(tensor)).tolist()
 
 
 @torch.no_grad()
@@ -48,11 +50,11 @@ def evaluate_elbo(trainer, dataset, *, prefix: str = "eval") -> dict[str, float]
             batch = trainer._prepare_inputs(collator([dataset[i] for i in items]))
             step = diffusion_step(model, batch, trainer.objective,
                                   attn_implementation=trainer._attn_implementation(model),
-                                  mask_dtype=trainer._mask_dtype(model))
+                                  mask_dtype=trainer._mask_dtype(model), sequence_shard=trainer.sequence_shard)
             if index < batches.num_real_batches:
                 ce_sum += float(step.loss.ce_sum)
                 supervised += step.loss.num_tokens
-        ce_sum, supervised = _reduce(trainer, [ce_sum, supervised])
+        ce_sum, supervised = _reduce(trainer, [ce_sum, supervised], over_every_rank=True)  # sp: partial sums
         metrics[f"{prefix}_loss_t{rate:g}"] = ce_sum / max(supervised, 1.0)
         nll_terms.append(ce_sum / (rate * max(response_tokens, 1)))
     nll = sum(nll_terms) / len(nll_terms)

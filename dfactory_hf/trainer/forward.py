@@ -3,7 +3,8 @@
 Shared by `DiffusionTrainer` (train and eval) and `bench/throughput.py`, so the benchmark measures exactly
 what training runs. Block-diffusion mode feeds `[x_t ; x_0]` (2L tokens, positions `[pos ; pos]`) with the
 block-diffusion mask; full-attention mode feeds x_t alone with a document mask. `logits_to_keep` selects the
-supervised x_t positions, so the x_0 half and unsupervised positions never reach `lm_head`.
+supervised x_t positions, so the x_0 half and unsupervised positions never reach `lm_head`. Under Ulysses
+sequence parallel each rank runs its slice of every row (`parallel/sequence.py`) with the full-length mask.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.loss import DiffusionLossOutput, diffusion_loss, gather_supervised, loss_weights
+from ..diffusion.loss import IGNORE_INDEX, DiffusionLossOutput, diffusion_loss, gather_supervised, loss_weights
 from ..diffusion.masks import build_attention_mask
+from ..parallel.sequence import SequenceShard, pad_rows
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,19 @@ class DiffusionObjective:
 @dataclass
 class StepOutput:
     loss: DiffusionLossOutput
-    num_model_tokens: int  # tokens the model processed, padding included (B x 2L in block diffusion)
+    num_model_tokens: int  # tokens this rank's model call processed, padding included (B x 2L in block diffusion)
+    # Per data replica (reported by sp rank 0 only, so a sum over every rank counts each replica once):
+    num_row_tokens: int  # row positions of the collated batch, padding included
     num_real_tokens: torch.Tensor  # document tokens, each counted once
     mask_rate_sum: torch.Tensor  # sum of t over documents
     num_documents: torch.Tensor
 
 
 def model_inputs(batch: dict[str, torch.Tensor], objective: DiffusionObjective, *, attn_implementation: str,
-                 mask_dtype: torch.dtype, selector: torch.Tensor) -> dict:
-    """The keyword arguments for the causal-LM forward."""
+                 mask_dtype: torch.dtype, selector: torch.Tensor,
+                 sequence_shard: SequenceShard | None = None) -> dict:
+    """The keyword arguments for the causal-LM forward; under sequence parallel this rank's slice of the
+    sequence with the full-length mask (parallel/sequence.py)."""
     x_t, x_0, positions = batch["noisy_input_ids"], batch["input_ids"], batch["position_ids"]
     mask = build_attention_mask(
         positions,
@@ -63,23 +69,43 @@ def model_inputs(batch: dict[str, torch.Tensor], objective: DiffusionObjective, 
         dtype=mask_dtype,
     )
     if objective.block_diffusion:
-        input_ids = torch.cat([x_t, x_0], dim=1)
-        positions = torch.cat([positions, positions], dim=1)
-        selector = torch.cat([selector, torch.zeros_like(selector)], dim=1)
+        segments = dict(input_ids=(x_t, x_0), position_ids=(positions, positions),
+                        logits_to_keep=(selector, torch.zeros_like(selector)))
     else:
-        input_ids = x_t
-    return dict(input_ids=input_ids, position_ids=positions, attention_mask=mask, logits_to_keep=selector,
-                use_cache=False)
+        segments = dict(input_ids=(x_t,), position_ids=(positions,), logits_to_keep=(selector,))
+    join = sequence_shard.local if sequence_shard is not None else (lambda *parts: torch.cat(parts, dim=1))
+    inputs = {key: join(*parts) for key, parts in segments.items()}
+    inputs.update(attention_mask=mask, use_cache=False)
+    if sequence_shard is not None:
+        inputs["sequence_shard"] = sequence_shard
+    return inputs
 
 
 def diffusion_step(model, batch: dict[str, torch.Tensor], objective: DiffusionObjective, *,
                    attn_implementation: str, mask_dtype: torch.dtype = torch.float32,
-                   num_items: torch.Tensor | int | None = None) -> StepOutput:
+                   num_items: torch.Tensor | int | None = None,
+                   sequence_shard: SequenceShard | None = None) -> StepOutput:
+    """Forward and loss of one micro-batch. Under sequence parallel (`sequence_shard`) this rank computes
+    logits at its own supervised positions only and its loss is the local cross-entropy sum over the global
+    count `num_items`, so the sp ranks' losses (and gradients) add up to one process's."""
+    num_row_tokens = batch["input_ids"].numel()
+    replica = replica_counts(batch)
+    if sequence_shard is not None:
+        batch = pad_rows(batch, multiple=sequence_shard.size * objective.block_size)
     selector, targets = objective.supervised(batch)
+    mask_rate = batch["mask_rate"]
     inputs = model_inputs(batch, objective, attn_implementation=attn_implementation, mask_dtype=mask_dtype,
-                          selector=selector)
-    logits = model(**inputs).logits  # [N, V]
-    weights = loss_weights(batch["mask_rate"][selector], objective.loss_weighting)
+                          selector=selector, sequence_shard=sequence_shard)
+    if sequence_shard is not None:
+        # Targets sit at the positions whose logits predict them (shifted or not), so they slice like positions.
+        target_at = torch.full_like(batch["labels"], IGNORE_INDEX)
+        target_at[selector] = targets
+        selector, mask_rate = sequence_shard.piece(selector), sequence_shard.piece(mask_rate)
+        targets = sequence_shard.piece(target_at)[selector]
+        if sequence_shard.rank != 0:
+            num_row_tokens, replica = 0, {key: torch.zeros_like(value) for key, value in replica.items()}
+    logits = model(**inputs).logits  # [N, V] (this rank's N under sequence parallel)
+    weights = loss_weights(mask_rate[selector], objective.loss_weighting)
     loss = diffusion_loss(
         logits,
         targets,
@@ -88,12 +114,12 @@ def diffusion_step(model, batch: dict[str, torch.Tensor], objective: DiffusionOb
         confidence_beta=objective.confidence_beta,
         chunk_size=objective.loss_chunk_size,
     )
+    return StepOutput(loss=loss, num_model_tokens=inputs["input_ids"].numel(), num_row_tokens=num_row_tokens,
+                      **replica)
+
+
+def replica_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     real = batch["attention_mask"].bool()
     starts = real & (batch["position_ids"] == 0)
-    return StepOutput(
-        loss=loss,
-        num_model_tokens=inputs["input_ids"].numel(),
-        num_real_tokens=real.sum(),
-        mask_rate_sum=batch["mask_rate"][starts].sum(),
-        num_documents=starts.sum(),
-    )
+    return dict(num_real_tokens=real.sum(), mask_rate_sum=batch["mask_rate"][starts].sum(),
+                num_documents=starts.sum())

@@ -29,7 +29,7 @@ class MetricWindow:
         self.start = time.perf_counter()
         self.num_steps = 0
 
-    def add(self, step: StepOutput, *, row_tokens: int) -> None:
+    def add(self, step: StepOutput) -> None:
         loss = step.loss
         values = {
             "supervised": loss.num_tokens,
@@ -37,7 +37,7 @@ class MetricWindow:
             "cap_sum": loss.cap_sum.detach(),
             "correct": loss.num_correct,
             "model_tokens": step.num_model_tokens,
-            "row_tokens": row_tokens,
+            "row_tokens": step.num_row_tokens,
             "real_tokens": step.num_real_tokens,
             "mask_rate_sum": step.mask_rate_sum.detach(),
             "documents": step.num_documents,
@@ -48,7 +48,8 @@ class MetricWindow:
 
     def summary(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 device: torch.device | str = "cpu") -> dict[str, float]:
-        """Derived metrics; `reduce_sum` sums a 1-D tensor over ranks (all ranks must call it together)."""
+        """Derived metrics; `reduce_sum` sums a 1-D tensor over EVERY rank (all ranks must call it together): the
+        sums are per-rank partials under sequence parallel, and per-replica counts come from sp rank 0 only."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         stacked = torch.stack([torch.as_tensor(self.sums[key], dtype=torch.float64, device=device) for key in KEYS])
         if reduce_sum is not None:

@@ -23,7 +23,9 @@ from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged,
                              engage_fsdp_on_cpu, fsdp_requested,
                              take_activation_checkpointing_switch, unpin_cpu_offload)
 from ..parallel.loading import RankZeroBroadcastLoader, wants_rank0_loading
+from ..parallel.sequence import SequenceShard
 from ..parallel.state import ParallelState
+from ..parallel.ulysses import apply_sequence_parallel, base_backend
 from .checkpoints import mark_complete, resolve_resume_checkpoint, rotate, unmark
 from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
@@ -62,6 +64,12 @@ class DiffusionTrainer(Trainer):
             device_type=args.device.type)
         if fsdp_requested(args):
             check_fsdp_layout(model, args, self.parallel_state.sizes)
+        # Ulysses: the model's attention becomes the sequence-parallel variant of its backend; each batch is then
+        # sliced over the sp ranks with the full-length mask (forward.py).
+        if self.parallel_state.sp_size > 1:
+            apply_sequence_parallel(model, self.parallel_state.sp_size)
+        self.sequence_shard = SequenceShard.from_parallel_state(
+            self.parallel_state, num_segments=2 if args.block_diffusion_mode else 1)
 
         self.data_reports: list[DataReport] = []
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
@@ -311,14 +319,16 @@ class DiffusionTrainer(Trainer):
         # The diffusion objective: [x_t ; x_0] through the model with the block-diffusion mask, cross-entropy
         # at the supervised x_t positions only.
         step = diffusion_step(model, inputs, self.objective, attn_implementation=self._attn_implementation(model),
-                              mask_dtype=self._mask_dtype(model), num_items=num_items_in_batch)
+                              mask_dtype=self._mask_dtype(model), num_items=num_items_in_batch,
+                              sequence_shard=self.sequence_shard)
         loss = step.loss.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # DDP/FSDP average gradients over every rank; the loss is already a global token mean.
+            # DDP/FSDP average gradients over every rank; the loss is already a global token mean (of this rank's
+            # positions under sequence parallel: the sp ranks' losses add up to the replica's).
             loss = loss * self.parallel_state.gradient_average_size
         window = self._train_window if model.training else self._eval_window
         if window is not None:
-            window.add(step, row_tokens=inputs["input_ids"].numel())
+            window.add(step)
         return (loss, step) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -392,10 +402,12 @@ class DiffusionTrainer(Trainer):
     # --- helpers ----------------------------------------------------------------------------------------------
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.parallel_state.sum_over_data(tensor.to(self.args.device))
+        # Metric sums: per-rank partials (sp ranks split positions); per-replica counts come from sp rank 0 only.
+        return self.parallel_state.sum_over_world(tensor.to(self.args.device))
 
     def _attn_implementation(self, model) -> str:
-        return self.accelerator.unwrap_model(model).config._attn_implementation
+        """The backend the mask is built for (the Ulysses variant computes with its base backend)."""
+        return base_backend(self.accelerator.unwrap_model(model).config._attn_implementation)
 
     def _mask_dtype(self, model) -> torch.dtype:
         if self.args.bf16:
@@ -463,7 +475,7 @@ def _has_given_noise(dataset) -> bool:
 
 
 def _check_attention_backend(model, args, *, training: bool) -> None:
-    implementation = model.config._attn_implementation
+    implementation = base_backend(model.config._attn_implementation)
     if implementation not in MASK_ATTENTION_BACKENDS:
         raise ValueError(
             f"attn_implementation ({implementation!r}) cannot take the block-diffusion mask; load the model with "

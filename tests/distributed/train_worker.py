@@ -7,6 +7,7 @@ micro-batches every rank trained on, and evidence that the layout engaged (DTens
         tests/distributed/train_worker.py --out run.pt --grad_accum 2 --layout packed
     torchrun --standalone --nproc_per_node 2 tests/distributed/train_worker.py ...   # DDP
     python tests/distributed/train_worker.py --out run.pt --grad_accum 4 --layout packed   # the same steps, one process
+    ... --sp_size 2   # Ulysses: the sp ranks of a data replica split every row
 
 `--kill_during_save_at K` ends every rank with exit code 17 in the middle of writing checkpoint K (after the
 model and optimizer, before the RNG and trainer state), as a kill would; `--resume last` continues a run.
@@ -47,6 +48,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--save_model", default=None, help="save_model() into this directory at the end")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--dp_replicate_size", type=int, default=1)
+    parser.add_argument("--sp_size", type=int, default=1)
+    parser.add_argument("--full_attention", action="store_true", help="MDLM mode (x_t alone) instead of blocks")
     parser.add_argument("--model_path", default=None, help="from_pretrained this checkpoint (default: demo_model)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate() after training (loss, accuracy, ELBO)")
     return parser.parse_args()
@@ -63,7 +66,8 @@ def main() -> None:
     training_args = demo_args(
         output_dir, optim=args.optim, learning_rate=learning_rate, max_grad_norm=0.0, max_steps=args.max_steps,
         logging_steps=1, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
-        dp_replicate_size=args.dp_replicate_size, eval_mask_rates=[0.3, 0.7] if args.evaluate else [],
+        dp_replicate_size=args.dp_replicate_size, sp_size=args.sp_size,
+        block_diffusion_mode=not args.full_attention, eval_mask_rates=[0.3, 0.7] if args.evaluate else [],
         per_device_eval_batch_size=4, **saving, **distributed, **layout)
     if args.model_path:
         # As examples/sft_llada2.py: read on rank 0 only when the launch config asks for it.
@@ -83,6 +87,18 @@ def main() -> None:
         return collate(features)
 
     trainer.data_collator = recording_collator
+    # What the model really received per training micro-batch: (collated row length, model input length).
+    lengths, compute_loss = [], trainer.compute_loss
+    embedded = []
+    trainer.model.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.append(i[0].shape[1]))
+
+    def recording_compute_loss(model, inputs, *a, **kw):
+        loss = compute_loss(model, inputs, *a, **kw)
+        if model.training:
+            lengths.append((inputs["input_ids"].shape[1], embedded[-1]))
+        return loss
+
+    trainer.compute_loss = recording_compute_loss
     if args.kill_during_save_at:
         save_rng = trainer._save_rng_state
 
@@ -99,12 +115,13 @@ def main() -> None:
 
     # Trainer fetches one micro-batch beyond the last step before it stops: keep the trained ones.
     seen = seen[: args.max_steps * args.grad_accum]
-    everyone, meta_ranks = [None] * trainer.args.world_size, [None] * trainer.args.world_size
+    state = trainer.parallel_state
+    mine = dict(seen=seen, on_meta=on_meta, lengths=lengths, sp_rank=state.sp_rank, dp_rank=state.dp_rank)
+    everyone = [None] * trainer.args.world_size
     if trainer.args.world_size > 1:
-        dist.all_gather_object(everyone, seen)
-        dist.all_gather_object(meta_ranks, on_meta)
+        dist.all_gather_object(everyone, mine)
     else:
-        everyone, meta_ranks = [seen], [on_meta]
+        everyone = [mine]
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -128,8 +145,12 @@ def main() -> None:
             losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             steps=[entry["step"] for entry in trainer.state.log_history if "loss" in entry],
             supervised=[entry["supervised_tokens"] for entry in trainer.state.log_history if "loss" in entry],
-            micro_batches=everyone,
-            loaded_on_meta=meta_ranks,
+            # Per data replica (sp rank 0 of each): its ranks share the batch.
+            micro_batches=[rank["seen"] for rank in everyone if rank["sp_rank"] == 0],
+            loaded_on_meta=[rank["on_meta"] for rank in everyone],
+            model_input_lengths=[rank["lengths"] for rank in everyone],
+            sp_ranks=[rank["sp_rank"] for rank in everyone],
+            attn_implementation=trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation,
             eval_metrics=metrics,
         ), args.out)
     if dist.is_initialized():
