@@ -1,6 +1,6 @@
 """Sequence parallel pieces that need no process group: KV repeats, validation, the model switch, the 2D-mask
 refusal, the batch layout. The all-to-all paths are in tests/distributed/test_ulysses.py and
-tests/distributed/test_sequence_parallel.py."""
+tests/distributed/test_sequence_parallel_training.py."""
 
 from __future__ import annotations
 

@@ -60,12 +60,16 @@ def model_inputs(batch: dict[str, torch.Tensor], objective: DiffusionObjective, 
     """The keyword arguments for the causal-LM forward; under sequence parallel this rank's slice of the
     sequence with the full-length mask (parallel/sequence.py)."""
     x_t, x_0, positions = batch["noisy_input_ids"], batch["input_ids"], batch["position_ids"]
+    # sdpa gets the additive float form: given a bool mask, it converts it to float in every layer and keeps each
+    # conversion for backward (num_layers x 4 bytes per mask entry, the largest saved tensors at long rows; see
+    # bench/sequence_parallel.py). The float mask is built once and shared by all layers; results are equal.
+    mask_form = "eager" if attn_implementation == "sdpa" else attn_implementation
     mask = build_attention_mask(
         positions,
         batch["attention_mask"],
         block_size=objective.block_size,
         block_diffusion=objective.block_diffusion,
-        attn_implementation=attn_implementation,
+        attn_implementation=mask_form,
         dtype=mask_dtype,
     )
     if objective.block_diffusion:

@@ -150,6 +150,7 @@ def main() -> None:
             loaded_on_meta=[rank["on_meta"] for rank in everyone],
             model_input_lengths=[rank["lengths"] for rank in everyone],
             sp_ranks=[rank["sp_rank"] for rank in everyone],
+            rank_batches=[(rank["dp_rank"], rank["sp_rank"], rank["seen"]) for rank in everyone],
             attn_implementation=trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation,
             eval_metrics=metrics,
         ), args.out)

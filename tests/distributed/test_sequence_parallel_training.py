@@ -38,8 +38,14 @@ def assert_sequence_parallel_engaged(run: dict, *, ranks: int, sp: int, full_att
     assert run["layout"]["sp_size"] == sp
     assert run["attn_implementation"] == "ulysses_sdpa"
     assert run["num_sharded"] == run["num_params"] > 0
-    assert run["first_local_numel"] * ranks == run["first_numel"], "FSDP2 does not shard over dp_shard x sp"
+    shard_ranks = ranks // run["layout"]["dp_replicate_size"]
+    assert run["first_local_numel"] * shard_ranks == run["first_numel"], "FSDP2 does not shard over dp_shard x sp"
     assert sorted(run["sp_ranks"]) == sorted(list(range(sp)) * (ranks // sp))
+    # The sp ranks of a data replica trained on the same micro-batches; the replicas on different ones.
+    by_replica = {}
+    for dp_rank, _, batches in run["rank_batches"]:
+        assert by_replica.setdefault(dp_rank, batches) == batches, f"sp ranks of replica {dp_rank} disagree"
+    assert len(by_replica) == ranks // sp
     segments = 1 if full_attention else 2
     for lengths in run["model_input_lengths"]:
         assert len(lengths) == len(run["micro_batches"][0]) > 0  # every trained micro-batch
@@ -75,6 +81,16 @@ def test_sp2_times_dp_shard2_on_four_ranks_trains_like_one_process(runs):
     assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
     for key in ("eval_loss", "eval_supervised_tokens", "eval_elbo_nll"):
         assert parallel["eval_metrics"][key] == pytest.approx(reference["eval_metrics"][key], rel=1e-5), key
+
+
+def test_sp2_with_hsdp_on_four_ranks_trains_like_one_process(runs):
+    # dp_replicate 2 x sp 2: FSDP2 shards over the sp pair of each replica and replicates across the two.
+    parallel = runs("sp2-hsdp", launcher="accelerate", ranks=4, sp_size=2, dp_replicate_size=2, grad_accum=2,
+                    layout="packed")
+    assert_sequence_parallel_engaged(parallel, ranks=4, sp=2, full_attention=False)
+    assert parallel["shard_mesh"] == ("dp_replicate", "dp_shard_cp")
+    reference = runs("single-packed-ga4", launcher="plain", grad_accum=4, layout="packed", evaluate=True)
+    assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
 
 
 def test_sp4_beyond_the_kv_head_count_trains_like_one_process(runs):
