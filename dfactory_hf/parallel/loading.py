@@ -72,13 +72,18 @@ class RankZeroBroadcastLoader:
         # accelerate's own path would run (and fail) inside prepare; this loader replaces it.
         accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
 
+    def rebind_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Point the optimizer's groups at the model's current parameters, by name (after anything that replaced
+        them: expert parallel before prepare, FSDP2 in prepare)."""
+        current = dict(_tensors(model))
+        for group, names in zip(optimizer.param_groups, self.group_names):
+            group["params"] = [current[name] for name in names]
+
     @torch.no_grad()
     def load_into(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        sharded = dict(_tensors(model))
-        for group, names in zip(optimizer.param_groups, self.group_names):
-            group["params"] = [sharded[name] for name in names]
+        self.rebind_optimizer(model, optimizer)
         if any(t.is_meta for _, t in _tensors(model)):
             model.to_empty(device=self.param_device)  # DTensor parameters keep their identity (the optimizer's)
         for name, tensor in _tensors(model):

@@ -9,7 +9,8 @@ gather or a reduce; the model never sees it. The layout follows torchtitan:
     "dp_shard_cp" = dp_shard x sp             the FSDP shard axis: ranks that hold shards of the same parameters
                                               (accelerate's name for it, so its FSDP2 path finds it)
     "efsdp" x "ep" = dp_shard_cp            expert axes when ep > 1: experts borrow ranks from the shard and
-                                              sequence axes and are FSDP-sharded over what remains (efsdp)
+                                              sequence axes and are FSDP-sharded over what remains (efsdp;
+                                              with HSDP over ("dp_replicate", "efsdp"))
 
 Every sp rank of a data replica sees the same documents; every data replica sees its own. FSDP/DDP average
 gradients over all `world` ranks, which is why the loss is multiplied by `gradient_average_size`.
@@ -97,6 +98,11 @@ class ParallelSizes:
     def fsdp_shard(self) -> int:
         return self.dp_shard * self.sp
 
+    @property
+    def efsdp(self) -> int:
+        """Ranks of one replica holding the same experts (FSDP shards them over these)."""
+        return self.fsdp_shard // self.ep
+
 
 @dataclass
 class ParallelState:
@@ -124,8 +130,11 @@ class ParallelState:
         flattened = {"dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
                      "dp_shard_cp": mesh["dp_shard", "sp"]._flatten("dp_shard_cp")}
         if sizes.ep > 1:
-            flattened["experts"] = flattened["dp_shard_cp"]._unflatten(
-                0, (sizes.fsdp_shard // sizes.ep, sizes.ep), ("efsdp", "ep"))
+            # (dp_replicate, efsdp, ep, ep_tp): transformers' EP dispatch also takes the group of ranks that hold
+            # the same tokens, which is every rank alone here (size-1 "ep_tp").
+            hsdp = mesh["dp_replicate", "dp_shard_cp"]
+            flattened["experts"] = hsdp._unflatten(
+                1, (sizes.fsdp_shard // sizes.ep, sizes.ep, 1), ("efsdp", "ep", "ep_tp"))
         return cls(sizes=sizes, rank=dist.get_rank(), mesh=mesh, _flattened=flattened)
 
     @classmethod
@@ -172,9 +181,14 @@ class ParallelState:
         """A named axis: "dp_replicate", "dp_shard", "sp", or the flattened "dp", "dp_shard_cp", "efsdp", "ep"."""
         if self.mesh is None:
             raise ValueError(f"no mesh in a one-process run (asked for {name!r})")
-        if name in ("efsdp", "ep"):
+        if name in ("efsdp", "ep", "ep_tp"):
             return self._flattened["experts"][name]
         return self._flattened[name] if name in self._flattened else self.mesh[name]
+
+    def expert_shard_mesh(self):
+        """The ranks holding the same experts: "efsdp", with HSDP ("dp_replicate", "efsdp")."""
+        experts = self._flattened["experts"]
+        return experts["dp_replicate", "efsdp"] if self.sizes.dp_replicate > 1 else experts["efsdp"]
 
     def _local_rank(self, name: str) -> int:
         return 0 if self.mesh is None else self.submesh(name).get_local_rank()

@@ -8,6 +8,7 @@ Validation lives in an idempotent `__post_init__` and names the flag, its value,
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -156,9 +157,16 @@ class DiffusionTrainingArguments(TrainingArguments):
     )
     ep_size: int = field(
         default=1,
-        metadata={"help": "Expert-parallel degree (>= 1): ranks that split the routed experts; must divide "
-                          "dp_shard_size x sp_size and the expert count. Not available in this version (refused "
-                          "when > 1)."},
+        metadata={"help": "Expert-parallel degree (>= 1): ranks that split the routed experts (each holds "
+                          "num_experts / ep of every MoE layer; tokens move by all-to-all); must divide "
+                          "dp_shard_size x sp_size and the expert count; needs an FSDP2 launch config."},
+    )
+    router_bias_update_rate: float = field(
+        default=0.0,
+        metadata={"help": "Aux-loss-free router balancing (>= 0; 0 = off, 1e-3 is DeepSeek-V3's): after each "
+                          "optimizer step every MoE gate's expert_bias += rate x sign(mean load - load), the load "
+                          "counted over the whole step on all ranks. Per-layer load imbalance (max / mean) is "
+                          "logged either way."},
     )
     # --- LoRA ---------------------------------------------------------------------------------------------
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full model."})
@@ -243,15 +251,18 @@ class DiffusionTrainingArguments(TrainingArguments):
                 "dataloader_persistent_workers=True would freeze the collator's epoch inside the workers, so every "
                 "epoch would reuse the same noise; set it to False."
             )
+        if not (math.isfinite(self.router_bias_update_rate) and self.router_bias_update_rate >= 0):
+            raise ValueError(f"--router_bias_update_rate ({self.router_bias_update_rate}) must be >= 0 (0 = off); "
+                             "1e-3 is a common choice.")
         if self.use_peft and self.lora_r <= 0:
             raise ValueError(f"lora_r ({self.lora_r}) must be > 0 with use_peft.")
 
     def validate_parallel_fields(self) -> None:
         """At argument parsing, before a model is loaded; the trainer checks again with the process group and the
         model's expert count (`ParallelState.from_args`)."""
-        if self.ep_size > 1:
-            raise ValueError(f"--ep_size ({self.ep_size}): expert parallel is not available in this version of "
-                             "dfactory_hf; use --ep_size 1 (FSDP2 over --dp_shard_size ranks shards the model).")
+        if self.ep_size > 1 and self.use_peft:
+            raise ValueError(f"--use_peft with --ep_size ({self.ep_size}): LoRA under expert parallel is not available "
+                             "in this version; use --ep_size 1 (FSDP2 still shards the model) or full fine-tuning.")
         if self.sp_size > 1 and isinstance(self.block_size, int) and self.max_seq_len < self.sp_size * self.block_size:
             raise ValueError(
                 f"--max_seq_len ({self.max_seq_len}) must be >= sp_size x block_size ({self.sp_size} x "

@@ -8,17 +8,19 @@ metrics and evaluation are the diffusion ones. Each override below says why it e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
+from ..parallel.expert import apply_expert_parallel, check_expert_parallel
 from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_layout,
                              engage_fsdp_on_cpu, fsdp_requested,
                              take_activation_checkpointing_switch, unpin_cpu_offload)
@@ -31,6 +33,7 @@ from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
 from .forward import DiffusionObjective, diffusion_step
 from .metrics import MetricWindow
+from .router import RouterLoad
 
 MASK_ATTENTION_BACKENDS = ("sdpa", "eager", "flex_attention")
 
@@ -64,6 +67,12 @@ class DiffusionTrainer(Trainer):
             device_type=args.device.type)
         if fsdp_requested(args):
             check_fsdp_layout(model, args, self.parallel_state.sizes)
+        if self.parallel_state.ep_size > 1:
+            if not fsdp_requested(args):
+                raise ValueError(f"--ep_size ({args.ep_size}) shards the experts inside FSDP2: launch with an FSDP2 "
+                                 "config (configs/accelerate/cpu_fsdp2.yaml on CPU, fsdp2.yaml on GPUs).")
+            check_expert_parallel(model, ep_size=args.ep_size, efsdp_size=self.parallel_state.sizes.efsdp,
+                                  reduce_dtype=torch.float32 if args.bf16 else model.dtype)
         # Ulysses: the model's attention becomes the sequence-parallel variant of its backend; each batch is then
         # sliced over the sp ranks with the full-length mask (forward.py).
         if self.parallel_state.sp_size > 1:
@@ -96,6 +105,9 @@ class DiffusionTrainer(Trainer):
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
         self._eval_batch_sampler: ReplicaEvalBatchSampler | None = None
         self._eval_batch_index = 0
+        self.router_load = RouterLoad(self.accelerator.unwrap_model(self.model),
+                                      rate=self.args.router_bias_update_rate, reduce_sum=self._reduce_sum)
+        self.add_callback(_RouterStep(self.router_load))
 
     # --- parallelism ------------------------------------------------------------------------------------------
 
@@ -118,10 +130,15 @@ class DiffusionTrainer(Trainer):
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         # Rank-0 loading (fsdp_cpu_ram_efficient_loading) fills the shards right after FSDP2 wraps the model and
         # before a resumed checkpoint is read, so Trainer's own resume step is replayed here after it.
+        # Expert parallel shards the experts just before accelerate's FSDP2 wraps the rest (parallel/expert.py);
+        # with rank-0 loading, after the loader captured rank 0's full tensors.
         if not wants_rank0_loading(self.accelerator):
+            self._apply_expert_parallel()
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         self.create_optimizer()  # before sharding, as Trainer does under FSDP2; the loader records its groups
         loader = RankZeroBroadcastLoader(self.model, self.accelerator, self.optimizer)
+        if self._apply_expert_parallel():
+            loader.rebind_optimizer(self.model, self.optimizer)
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
         loader.load_into(model, self.optimizer)
         if resume_from_checkpoint is not None:
@@ -129,6 +146,16 @@ class DiffusionTrainer(Trainer):
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
             self._load_scaler(resume_from_checkpoint)
         return model, train_dataloader
+
+    def _apply_expert_parallel(self) -> bool:
+        """Shard the experts (once); True when parameters were replaced."""
+        if self.parallel_state.ep_size == 1 or getattr(self, "_expert_modules", None) is not None:
+            return False
+        plugin = self.accelerator.state.fsdp_plugin
+        self._expert_modules = apply_expert_parallel(self.model, self.parallel_state,
+                                                     mp_policy=plugin.mixed_precision_policy,
+                                                     offload_policy=plugin.cpu_offload)
+        return True
 
     def _shard_over_data_replicas(self, dataloader):
         # The padded path's batches are dealt out by accelerate's BatchSamplerShard over every process; they belong
@@ -318,9 +345,11 @@ class DiffusionTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The diffusion objective: [x_t ; x_0] through the model with the block-diffusion mask, cross-entropy
         # at the supervised x_t positions only.
-        step = diffusion_step(model, inputs, self.objective, attn_implementation=self._attn_implementation(model),
-                              mask_dtype=self._mask_dtype(model), num_items=num_items_in_batch,
-                              sequence_shard=self.sequence_shard)
+        with self.router_load.counting() if model.training else contextlib.nullcontext():
+            step = diffusion_step(model, inputs, self.objective,
+                                  attn_implementation=self._attn_implementation(model),
+                                  mask_dtype=self._mask_dtype(model), num_items=num_items_in_batch,
+                                  sequence_shard=self.sequence_shard)
         loss = step.loss.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP/FSDP average gradients over every rank; the loss is already a global token mean (of this rank's
@@ -382,6 +411,7 @@ class DiffusionTrainer(Trainer):
         if "loss" in logs and self._train_window.num_steps > 0:
             summary = self._train_window.summary(self._reduce_sum, device=self.args.device)
             logs.update({key: round(value, 6) for key, value in summary.items()})
+            logs.update(self.router_load.summary())
             self._train_window.reset()
         super().log(logs, start_time)
 
@@ -415,6 +445,16 @@ class DiffusionTrainer(Trainer):
         if self.args.fp16:
             return torch.float16
         return self.accelerator.unwrap_model(model).dtype
+
+
+class _RouterStep(TrainerCallback):
+    """After every optimizer step: the step's router load (all ranks) into the log window, and the bias update."""
+
+    def __init__(self, router_load: RouterLoad):
+        self.router_load = router_load
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.router_load.optimizer_step()
 
 
 def resolve_mask_token_id(args: DiffusionTrainingArguments, tokenizer) -> int:

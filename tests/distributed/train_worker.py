@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer_helpers import TOKENIZER, demo_args, demo_data, demo_model  # noqa: E402
 
 from dfactory_hf import DiffusionTrainer  # noqa: E402
+from dfactory_hf.parallel.expert import local_expert_counts  # noqa: E402
 from dfactory_hf.parallel.fsdp import sharded_parameter_count  # noqa: E402
 from dfactory_hf.parallel.loading import from_pretrained_on_rank0  # noqa: E402
 
@@ -49,6 +50,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--dp_replicate_size", type=int, default=1)
     parser.add_argument("--sp_size", type=int, default=1)
+    parser.add_argument("--ep_size", type=int, default=1)
+    parser.add_argument("--router_bias_update_rate", type=float, default=0.0)
+    parser.add_argument("--starve_experts", action="store_true",
+                        help="bias every gate away from the upper half of the experts (the last ep rank's: no tokens)")
+    parser.add_argument("--experts_implementation", default=None, help="eager | grouped_mm (default: the model's)")
     parser.add_argument("--full_attention", action="store_true", help="MDLM mode (x_t alone) instead of blocks")
     parser.add_argument("--model_path", default=None, help="from_pretrained this checkpoint (default: demo_model)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate() after training (loss, accuracy, ELBO)")
@@ -66,7 +72,8 @@ def main() -> None:
     training_args = demo_args(
         output_dir, optim=args.optim, learning_rate=learning_rate, max_grad_norm=0.0, max_steps=args.max_steps,
         logging_steps=1, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
-        dp_replicate_size=args.dp_replicate_size, sp_size=args.sp_size,
+        dp_replicate_size=args.dp_replicate_size, sp_size=args.sp_size, ep_size=args.ep_size,
+        router_bias_update_rate=args.router_bias_update_rate,
         block_diffusion_mode=not args.full_attention, eval_mask_rates=[0.3, 0.7] if args.evaluate else [],
         per_device_eval_batch_size=4, **saving, **distributed, **layout)
     if args.model_path:
@@ -74,6 +81,13 @@ def main() -> None:
         model = from_pretrained_on_rank0(args.model_path, training_args, dtype=torch.float32)
     else:
         model = demo_model(seed=0)
+    if args.experts_implementation:
+        model.set_experts_implementation(args.experts_implementation)
+    if args.starve_experts:
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "expert_bias"):
+                    module.expert_bias[module.num_experts // 2:] = -1e4
     on_meta = any(p.is_meta for p in model.parameters())
     data = demo_data(num_train=64, task="add2")
     # 9 held-out documents: not a multiple of ranks x eval batch, so shares and batch counts differ by rank.
@@ -116,7 +130,9 @@ def main() -> None:
     # Trainer fetches one micro-batch beyond the last step before it stops: keep the trained ones.
     seen = seen[: args.max_steps * args.grad_accum]
     state = trainer.parallel_state
-    mine = dict(seen=seen, on_meta=on_meta, lengths=lengths, sp_rank=state.sp_rank, dp_rank=state.dp_rank)
+    mine = dict(seen=seen, on_meta=on_meta, lengths=lengths, sp_rank=state.sp_rank, dp_rank=state.dp_rank,
+                local_experts=local_expert_counts(trainer.model),
+                expert_bias=[gate.expert_bias.detach().cpu().clone() for gate in trainer.router_load.gates])
     everyone = [None] * trainer.args.world_size
     if trainer.args.world_size > 1:
         dist.all_gather_object(everyone, mine)
@@ -151,6 +167,11 @@ def main() -> None:
             model_input_lengths=[rank["lengths"] for rank in everyone],
             sp_ranks=[rank["sp_rank"] for rank in everyone],
             rank_batches=[(rank["dp_rank"], rank["sp_rank"], rank["seen"]) for rank in everyone],
+            local_experts=[rank["local_experts"] for rank in everyone],
+            expert_bias=[rank["expert_bias"] for rank in everyone],
+            router_logs=[{k: v for k, v in entry.items() if k.startswith("router_")}
+                         for entry in trainer.state.log_history if "loss" in entry],
+            experts_implementation=trainer.accelerator.unwrap_model(trainer.model).config._experts_implementation,
             attn_implementation=trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation,
             eval_metrics=metrics,
         ), args.out)
