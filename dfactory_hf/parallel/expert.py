@@ -70,6 +70,9 @@ def apply_expert_parallel(model: nn.Module, state, *, mp_policy=None, offload_po
     apply_expert_parallelism(model, state.submesh("ep"), state.submesh("ep_tp"), plan,
                              ep_implementation="all_to_all")
     experts = _experts_modules(model, plan)
+    if not experts:  # e.g. every layer dense: nothing was split, and a run that says ep must not train without it
+        raise ValueError(f"--ep_size ({state.ep_size}): {type(model).__name__} has no routed-experts module matching "
+                         "its expert-parallel plan (are all its layers dense?); use --ep_size 1.")
     shard_mesh = state.expert_shard_mesh()
     kwargs = {key: value for key, value in (("mp_policy", mp_policy), ("offload_policy", offload_policy))
               if value is not None}

@@ -54,6 +54,7 @@ class RouterLoad:
         self.num_experts = self.gates[0].num_experts if self.gates else 0
         self.step_counts: torch.Tensor | None = None  # [moe layers, experts], on the routing device
         self.window = torch.zeros(len(self.gates), self.num_experts, dtype=torch.float64)
+        self.total = torch.zeros_like(self.window)  # routes per expert over the whole run (this process's view)
         for index, gate in enumerate(self.gates):
             gate.register_forward_hook(self._hook(index))
 
@@ -84,10 +85,15 @@ class RouterLoad:
         load = self.reduce_sum(counts.clone())
         counts.zero_()
         self.window += load.cpu()
+        self.total += load.cpu()
         if self.rate > 0:
             for gate, layer_load in zip(self.gates, load):
                 gate.expert_bias.copy_(bias_update(gate.expert_bias, layer_load.to(gate.expert_bias.device),
                                                    self.rate))
+
+    def tokens_per_expert(self) -> dict[str, list[int]]:
+        """Routes per expert of each MoE layer over the run, summed over every rank (router_load.json)."""
+        return {f"layer{label}": [int(v) for v in row] for label, row in zip(self.labels, self.total.tolist())}
 
     def summary(self) -> dict[str, float]:
         """Per-layer max / mean load since the last call (the logging window), then resets the window."""

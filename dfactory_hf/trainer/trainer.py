@@ -9,6 +9,7 @@ metrics and evaluation are the diffusion ones. Each override below says why it e
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 
@@ -427,6 +428,10 @@ class DiffusionTrainer(Trainer):
                     print(report.summary())
             os.makedirs(self.args.output_dir, exist_ok=True)
             save_report(self.data_reports, os.path.join(self.args.output_dir, "data_report.json"))
+        if self.router_load.gates and self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "router_load.json"), "w") as handle:
+                json.dump({"tokens_per_expert": self.router_load.tokens_per_expert()}, handle)
         return output
 
     # --- helpers ----------------------------------------------------------------------------------------------

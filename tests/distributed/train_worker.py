@@ -169,6 +169,7 @@ def main() -> None:
             rank_batches=[(rank["dp_rank"], rank["sp_rank"], rank["seen"]) for rank in everyone],
             local_experts=[rank["local_experts"] for rank in everyone],
             expert_bias=[rank["expert_bias"] for rank in everyone],
+            tokens_per_expert=trainer.router_load.tokens_per_expert(),
             router_logs=[{k: v for k, v in entry.items() if k.startswith("router_")}
                          for entry in trainer.state.log_history if "loss" in entry],
             experts_implementation=trainer.accelerator.unwrap_model(trainer.model).config._experts_implementation,
