@@ -240,8 +240,8 @@ def test_one_process_state_has_no_mesh(tmp_path):
 # --- DiffusionTrainingArguments -------------------------------------------------------------------------------
 
 
-def test_arguments_refuse_ep_naming_the_flag(tmp_path):
-    with pytest.raises(ValueError, match=r"--ep_size \(2\): expert parallel is not available.*use --ep_size 1"):
+def test_arguments_refuse_ep_in_a_one_process_run(tmp_path):
+    with pytest.raises(ValueError, match=r"ep_size=2.*one-process run \(world size 1\)"):
         _args(tmp_path, ep_size=2)
 
 

@@ -57,6 +57,20 @@ def train(out: Path, *, launcher: str, ranks: int = 1, grad_accum: int, layout: 
     return torch.load(out) if expect_rc == 0 else None
 
 
+def run_cache(root: Path, **defaults):
+    """`get(name, **spec)`: the worker run called `name`, started on first use and shared by a module's tests
+    (`defaults` fill what `spec` leaves out); each record gets its output folder as `dir`."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str, **spec) -> dict:
+        if name not in cache:
+            cache[name] = train(root / f"{name}.pt", output_dir=root / name, **{**defaults, **spec})
+            cache[name]["dir"] = root / name
+        return cache[name]
+
+    return get
+
+
 def documents_per_step(run_record: dict, *, num_steps: int) -> list[list[int]]:
     """The sorted sample indices each optimizer step trained on, over all ranks; no document twice in a step."""
     per_rank = len(run_record["micro_batches"][0]) // num_steps

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from launch import assert_same_training, train
+from launch import assert_same_training, run_cache, train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -25,17 +25,8 @@ NUM_EXPERTS = 8  # the tiny model's
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ep")
-    cache: dict[str, dict] = {}
-
-    def get(name: str, **spec) -> dict:
-        if name not in cache:
-            spec.setdefault("max_steps", STEPS)
-            cache[name] = train(root / f"{name}.pt", output_dir=root / name, **spec)
-            cache[name]["dir"] = root / name
-        return cache[name]
-
-    return get
+    """Runs by name, started on first use and shared by the tests of this module."""
+    return run_cache(tmp_path_factory.mktemp("ep"), max_steps=STEPS)
 
 
 def assert_expert_parallel_engaged(run: dict, *, ranks: int, ep: int, experts_implementation: str) -> None:

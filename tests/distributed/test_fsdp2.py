@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from launch import assert_same_training, train
+from launch import assert_same_training, run_cache, train
 
 from dfactory_hf.trainer.checkpoints import COMPLETE_MARKER, resolve_resume_checkpoint
 
@@ -26,16 +26,7 @@ STEPS = 4  # checkpoints at steps 2 and 4
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Runs by name, started on first use and shared by the tests of this module."""
-    root = tmp_path_factory.mktemp("fsdp2")
-    cache: dict[str, dict] = {}
-
-    def get(name: str, **spec) -> dict:
-        if name not in cache:
-            cache[name] = train(root / f"{name}.pt", output_dir=root / name, max_steps=STEPS, **spec)
-            cache[name]["dir"] = root / name
-        return cache[name]
-
-    return get
+    return run_cache(tmp_path_factory.mktemp("fsdp2"), max_steps=STEPS)
 
 
 def single(runs, layout: str, optim: str = "sgd") -> dict:

@@ -12,7 +12,7 @@ replica trained on the same batches, and FSDP2 sharded the parameters over dp_sh
 from __future__ import annotations
 
 import pytest
-from launch import assert_same_training, train
+from launch import assert_same_training, run_cache
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -22,15 +22,8 @@ BLOCK = 4  # demo_args' block_size
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp")
-    cache: dict[str, dict] = {}
-
-    def get(name: str, **spec) -> dict:
-        if name not in cache:
-            cache[name] = train(root / f"{name}.pt", output_dir=root / name, max_steps=STEPS, **spec)
-        return cache[name]
-
-    return get
+    """Runs by name, started on first use and shared by the tests of this module."""
+    return run_cache(tmp_path_factory.mktemp("sp"), max_steps=STEPS)
 
 
 def assert_sequence_parallel_engaged(run: dict, *, ranks: int, sp: int, full_attention: bool) -> None:

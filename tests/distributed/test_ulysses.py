@@ -5,11 +5,10 @@ padding; KV-head counts below sp (the tiny model's 2 KV heads at sp 4, one KV he
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from launch import run
-
-from pathlib import Path
 
 WORKER = Path(__file__).parent / "ulysses_worker.py"
 
