@@ -6,7 +6,7 @@ Run from the repository root (each row is its own `accelerate launch`; ~2 minute
     python bench/expert_parallel.py --ranks 4 --ep 1 2 4
 
 Each row trains 6 SGD steps of the real `DiffusionTrainer` (packed rows, block diffusion) on a LLaDA2-shaped model
-whose experts dominate (hidden 256, 16 routed experts top-2 of width 512, 4 layers; ~27M parameters) and reports,
+whose experts dominate (hidden 256, 16 routed experts top-2 of width 512, 4 layers; 22M parameters) and reports,
 per rank (max over ranks):
 
 - `params MiB`: parameter bytes the rank holds between steps (local shards): 1/N of the model either way;
@@ -60,8 +60,8 @@ def worker(args) -> None:
     config._attn_implementation = "sdpa"
     model = LLaDA2MoeForCausalLM(config)
     training_args = demo_args(Path(args.scratch), optim="sgd", learning_rate=0.1, max_steps=6, logging_steps=6,
-                              packing=True, max_seq_len=64, max_tokens_per_micro_batch=256, ep_size=args.ep,
-                              ddp_backend="gloo", ddp_timeout=120, fsdp_cpu_ram_efficient_loading=False)
+                              packing=True, max_seq_len=64, max_tokens_per_micro_batch=256, ep_size=args.ep[0],
+                              ddp_backend="gloo", ddp_timeout=120)
     data = demo_data(num_train=128, task="add2")
     trainer = DiffusionTrainer(model=model, args=training_args, train_dataset=data["train"],
                                processing_class=TOKENIZER)
@@ -96,7 +96,8 @@ def worker(args) -> None:
 def launch(ranks: int, ep: int, scratch: Path) -> list[dict]:
     out = scratch / f"rows-{ranks}-{ep}.json"
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(CONFIG),
-               "--num_processes", str(ranks), str(Path(__file__).resolve()), "--worker", "--ep", str(ep),
+               "--num_processes", str(ranks), "--fsdp_cpu_ram_efficient_loading", "false",
+               str(Path(__file__).resolve()), "--worker", "--ep", str(ep),
                "--out", str(out), "--scratch", str(scratch / f"run-{ranks}-{ep}")]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)

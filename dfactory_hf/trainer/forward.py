@@ -60,10 +60,12 @@ def model_inputs(batch: dict[str, torch.Tensor], objective: DiffusionObjective, 
     """The keyword arguments for the causal-LM forward; under sequence parallel this rank's slice of the
     sequence with the full-length mask (parallel/sequence.py)."""
     x_t, x_0, positions = batch["noisy_input_ids"], batch["input_ids"], batch["position_ids"]
-    # sdpa gets the additive float form: given a bool mask, it converts it to float in every layer and keeps each
-    # conversion for backward (num_layers x 4 bytes per mask entry, the largest saved tensors at long rows; see
-    # bench/sequence_parallel.py). The float mask is built once and shared by all layers; results are equal.
-    mask_form = "eager" if attn_implementation == "sdpa" else attn_implementation
+    # In training sdpa gets the additive float form: given a bool mask, it converts it to float in every layer and
+    # keeps each conversion for backward (num_layers x 4 bytes per mask entry, the largest saved tensors at long
+    # rows; see bench/sequence_parallel.py). The float mask is built once and shared by all layers; results are
+    # equal. Without gradients nothing is kept, and the bool mask is the 4x smaller one.
+    training = torch.is_grad_enabled()
+    mask_form = "eager" if attn_implementation == "sdpa" and training else attn_implementation
     mask = build_attention_mask(
         positions,
         batch["attention_mask"],

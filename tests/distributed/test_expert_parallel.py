@@ -77,6 +77,19 @@ def test_dp_shard2_sp2_ep2_on_four_ranks_trains_like_one_process(runs):
     assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
 
 
+def test_ep2_with_hsdp_on_four_ranks_trains_like_one_process(runs):
+    # dp_replicate 2 x dp_shard 2, ep 2: each replica splits the experts over its two ranks; the experts are
+    # replicated across the replicas (HSDP over ("dp_replicate", "efsdp")).
+    parallel = runs("ep2-hsdp", launcher="accelerate", ranks=4, grad_accum=2, layout="packed", ep_size=2,
+                    dp_replicate_size=2, experts_implementation="eager", router_bias_update_rate=0.01)
+    assert_expert_parallel_engaged(parallel, ranks=4, ep=2, experts_implementation="eager")
+    assert parallel["shard_mesh"] == ("dp_replicate", "dp_shard_cp")
+    reference = runs("single-ga8-bias", launcher="plain", grad_accum=8, layout="packed",
+                     experts_implementation="eager", router_bias_update_rate=0.01)
+    assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
+    assert_same_biases(parallel, reference)
+
+
 def test_a_rank_whose_experts_receive_no_token_trains_like_one_process(runs):
     # Every gate biased away from experts 4-7, which live on ep rank 1: that rank's experts get no token at all.
     spec = dict(layout="packed", starve_experts=True)
