@@ -79,7 +79,7 @@ def apply_expert_parallel(model: nn.Module, state, *, mp_policy=None, offload_po
     for _, module in experts:
         fully_shard(module, mesh=shard_mesh, reshard_after_forward=True, **kwargs)
         module.set_gradient_divide_factor(float(state.gradient_average_size))
-        if shard_mesh.size() > 1:
+        if state.sizes.efsdp > 1:  # a size-1 shard group already divides (a forced sum would divide twice)
             module.set_force_sum_reduction_for_comms(True)
     return [name for name, _ in experts]
 
