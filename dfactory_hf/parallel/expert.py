@@ -14,8 +14,10 @@ Order (each step needs the one before):
 2. each experts module `fully_shard`-ed over the ranks that hold the same experts: "efsdp" (with HSDP,
    ("dp_replicate", "efsdp")). Its gradient divide factor is the world size, like every other gradient (the loss
    is a global token mean multiplied by the world size, state.py): the experts of one ep group see the tokens of
-   that group only, and the efsdp reduction sums the groups. On gloo, and for any factor other than the group
-   size, FSDP2 needs `set_force_sum_reduction_for_comms` (no PREMUL_SUM): sum, then divide locally.
+   that group only, and the efsdp reduction sums the groups. When efsdp > 1 FSDP2 needs
+   `set_force_sum_reduction_for_comms` for a factor other than the group size (gloo has no PREMUL_SUM): sum,
+   then divide locally; with efsdp = 1 (also under HSDP) it already divides locally, and forcing would divide
+   twice.
 3. accelerate's FSDP2 (the trainer) wraps the decoder layers and the root over "dp_shard_cp"; modules that are
    already FSDP modules (the experts) are left as they are, so there is one mesh with two groupings.
 
