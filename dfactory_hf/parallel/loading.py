@@ -36,7 +36,8 @@ def from_pretrained_on_rank0(path: str, args, **kwargs) -> torch.nn.Module:
     elsewhere when the run loads on rank 0 only (see `loads_on_rank0_only`), filled when FSDP2 has sharded it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not loads_on_rank0_only(args) or dist.get_rank() == 0:
+    # Under expert parallel every rank (rank 0 too) starts on meta and reads only its own pieces (ShardReader).
+    if not loads_on_rank0_only(args) or (dist.get_rank() == 0 and getattr(args, "ep_size", 1) == 1):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     config = AutoConfig.from_pretrained(path)
     dtype = kwargs.pop("dtype", "auto")
@@ -55,7 +56,10 @@ def wants_rank0_loading(accelerator) -> bool:
 class RankZeroBroadcastLoader:
     """Capture rank 0's weights before FSDP2 shards the model; fill every rank's shards after."""
 
-    def __init__(self, model: torch.nn.Module, accelerator, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: torch.nn.Module, accelerator, optimizer: torch.optim.Optimizer,
+                 checkpoint: str | None = None):
+        """`checkpoint`: read every rank's own pieces from this safetensors directory instead of broadcasting rank
+        0's tensors (expert parallel: the model is on meta on every rank, see `ShardReader`)."""
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         self.device = accelerator.device
@@ -64,7 +68,9 @@ class RankZeroBroadcastLoader:
         self.param_device = torch.device("cpu") if offload else self.device
         # Detached views of the host tensors (no copy), kept alive on rank 0 until broadcast: not the Parameter
         # objects, whose `.data` FSDP2 moves to the device before sharding (a full device copy per tensor).
-        self.full = {name: t.detach() for name, t in _tensors(model)} if dist.get_rank() == 0 else None
+        self.reader = ShardReader(checkpoint, model.config) if checkpoint is not None else None
+        self.full = ({name: t.detach() for name, t in _tensors(model)} if dist.get_rank() == 0 and
+                     self.reader is None else None)
         # accelerate maps the optimizer's parameters to the sharded ones by data_ptr, which is 0 for every meta
         # tensor: keep each group's parameter names to map them by name instead.
         name_of = {id(t): name for name, t in _tensors(model)}
@@ -86,6 +92,9 @@ class RankZeroBroadcastLoader:
         self.rebind_optimizer(model, optimizer)
         if any(t.is_meta for _, t in _tensors(model)):
             model.to_empty(device=self.param_device)  # DTensor parameters keep their identity (the optimizer's)
+        if self.reader is not None:
+            self.reader.load_into(model)
+            return
         for name, tensor in _tensors(model):
             if self.full is not None:
                 full = self.full.pop(name).detach().to(self.device, tensor.dtype).contiguous()
@@ -105,3 +114,84 @@ def _tensors(model: torch.nn.Module):
     # Activation checkpointing wraps layers after the capture; names are compared without the wrapper.
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         yield name.replace("_checkpoint_wrapped_module.", ""), tensor
+
+
+class ShardReader:
+    """Fill an FSDP2 / expert-parallel model (after `to_empty`) from a safetensors directory, each rank reading
+    only what it holds of the routed experts: its ep range of experts (hub per-expert keys, dFactory's merged
+    keys or fused keys, by `get_slice`), then its FSDP chunk of that. Other tensors are read whole, one at a time,
+    and cut to the rank's shard. Host memory for experts is about 1/ep of them (`expert_bytes_read` counts it).
+    Buffers the checkpoint does not hold (rotary `inv_freq`) are recomputed by the model's `_init_weights`."""
+
+    def __init__(self, directory: str, config):
+        from ..models.llada2_moe.conversion import checkpoint_files
+
+        self.directory = directory
+        self.files = checkpoint_files(directory)
+        self.num_experts = config.num_experts
+        self.expert_bytes_read = 0
+
+    def _read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], framework="pt") as handle:
+            piece = handle.get_slice(key)
+            return piece[rows[0]:rows[1]] if rows is not None else piece[:]
+
+    def _expert_block(self, name: str, first: int, stop: int) -> torch.Tensor:
+        """Experts [first, stop) of the fused parameter `name` (`...experts.gate_up_proj` or `...down_proj`)."""
+        prefix, _, fused = name.rpartition(".")
+        prefix += "."
+        if f"{prefix}{first}.down_proj.weight" in self.files:  # hub: one key per expert and projection
+            def stack(proj):
+                return torch.stack([self._read(f"{prefix}{e}.{proj}.weight") for e in range(first, stop)])
+            block = torch.cat([stack("gate_proj"), stack("up_proj")], 1) if fused == "gate_up_proj" else \
+                stack("down_proj")
+        elif fused == "gate_up_proj" and prefix + "gate_proj" in self.files:  # merged
+            block = torch.cat([self._read(prefix + "gate_proj", (first, stop)),
+                               self._read(prefix + "up_proj", (first, stop))], 1)
+        elif prefix + fused in self.files:  # fused (or merged down_proj, the same key and shape)
+            block = self._read(prefix + fused, (first, stop))
+        else:
+            raise ValueError(f"{self.directory} has no routed-expert tensors for {name} (hub, merged or fused keys)")
+        self.expert_bytes_read += block.numel() * block.element_size()
+        return block
+
+    def _expert_piece(self, name: str, tensor) -> torch.Tensor:
+        mesh = tensor.device_mesh
+        names = mesh.mesh_dim_names
+        ep_size, ep_rank = mesh.size(names.index("ep")), mesh.get_local_rank("ep")
+        per_rank = self.num_experts // ep_size
+        block = self._expert_block(name, ep_rank * per_rank, (ep_rank + 1) * per_rank)
+        if "efsdp" in names:  # FSDP2 shards the rank's experts on dim 0 over efsdp, torch.chunk-style
+            chunks = block.chunk(mesh.size(names.index("efsdp")))
+            rank = mesh.get_local_rank("efsdp")
+            block = chunks[rank] if rank < len(chunks) else block[:0]
+        return block
+
+    @torch.no_grad()
+    def load_into(self, model: torch.nn.Module) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        def plain(name: str) -> str:
+            return name.replace("_checkpoint_wrapped_module.", "")
+
+        missing_buffers = {plain(name) for name, _ in model.named_buffers() if plain(name) not in self.files}
+        for module_name, module in model.named_modules():
+            own = {plain(f"{module_name}.{b}" if module_name else b) for b, _ in module.named_buffers(recurse=False)}
+            if own & missing_buffers:
+                model._init_weights(module)
+        for name, tensor in _tensors(model):
+            if name in missing_buffers:
+                continue
+            target = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            if isinstance(tensor, DTensor) and "ep" in (tensor.device_mesh.mesh_dim_names or ()):
+                piece = self._expert_piece(name, tensor)
+            else:
+                full = self._read(name)
+                piece = (distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+                         if isinstance(tensor, DTensor) else full)
+            if tuple(piece.shape) != tuple(target.shape):
+                raise ValueError(f"{self.directory}: {name} gives this rank a {tuple(piece.shape)} piece, the model "
+                                 f"holds {tuple(target.shape)}")
+            target.copy_(piece.to(target.dtype))

@@ -137,7 +137,11 @@ class DiffusionTrainer(Trainer):
             self._apply_expert_parallel()
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         self.create_optimizer()  # before sharding, as Trainer does under FSDP2; the loader records its groups
-        loader = RankZeroBroadcastLoader(self.model, self.accelerator, self.optimizer)
+        # Expert parallel with a model on meta everywhere (from_pretrained_on_rank0): every rank reads its own pieces.
+        reads_own = self.parallel_state.ep_size > 1 and all(p.is_meta for p in self.model.parameters())
+        loader = RankZeroBroadcastLoader(self.model, self.accelerator, self.optimizer,
+                                         checkpoint=self.model.config._name_or_path if reads_own else None)
+        self._shard_reader = loader.reader
         if self._apply_expert_parallel():
             loader.rebind_optimizer(self.model, self.optimizer)
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)

@@ -125,3 +125,22 @@ def test_ep_checkpoints_resume_exactly_and_the_final_save_is_the_hub_layout(runs
         assert torch.equal(reloaded[name], value), name
     for name, bias in zip([k for k in reloaded if k.endswith("expert_bias")], uninterrupted["expert_bias"][0]):
         assert torch.equal(reloaded[name], bias), name
+
+
+@pytest.mark.parametrize("layout", ["hub", "merged"])
+def test_loading_reads_only_each_ranks_experts_and_trains_like_one_process(runs, tmp_path, layout):
+    # A checkpoint on disk (hub per-expert keys, or dFactory's merged keys); the FSDP2 config's rank-0 loading
+    # becomes, under ep, every rank reading its own experts (and its shard of everything else).
+    from model_helpers import to_hub_state_dict, to_merged_state_dict, write_checkpoint
+    from trainer_helpers import demo_model
+
+    model = demo_model(seed=0)
+    convert = to_hub_state_dict if layout == "hub" else to_merged_state_dict
+    path = write_checkpoint(tmp_path / layout, convert(model.state_dict()), model.config)
+    parallel = train(tmp_path / "ep.pt", launcher="accelerate", ranks=2, grad_accum=2, layout="packed", ep_size=2,
+                     max_steps=STEPS, model_path=path, output_dir=tmp_path / "run")
+    assert all(parallel["loaded_on_meta"]), "every rank starts on meta under ep"
+    expert_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." in name)
+    assert parallel["expert_bytes_read"] == [expert_bytes // 2] * 2, "a rank read experts it does not hold"
+    reference = runs("single-ga4-from-checkpoint", launcher="plain", grad_accum=4, layout="packed", model_path=path)
+    assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5, initial=path)

@@ -132,6 +132,7 @@ def main() -> None:
     state = trainer.parallel_state
     mine = dict(seen=seen, on_meta=on_meta, lengths=lengths, sp_rank=state.sp_rank, dp_rank=state.dp_rank,
                 local_experts=local_expert_counts(trainer.model),
+                expert_bytes_read=getattr(getattr(trainer, "_shard_reader", None), "expert_bytes_read", None),
                 expert_bias=[gate.expert_bias.detach().cpu().clone() for gate in trainer.router_load.gates])
     everyone = [None] * trainer.args.world_size
     if trainer.args.world_size > 1:
@@ -168,6 +169,7 @@ def main() -> None:
             sp_ranks=[rank["sp_rank"] for rank in everyone],
             rank_batches=[(rank["dp_rank"], rank["sp_rank"], rank["seen"]) for rank in everyone],
             local_experts=[rank["local_experts"] for rank in everyone],
+            expert_bytes_read=[rank["expert_bytes_read"] for rank in everyone],
             expert_bias=[rank["expert_bias"] for rank in everyone],
             tokens_per_expert=trainer.router_load.tokens_per_expert(),
             router_logs=[{k: v for k, v in entry.items() if k.startswith("router_")}
