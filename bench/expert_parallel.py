@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from launching import ROOT, run_for_json  # noqa: E402  (bench/ is the script's folder)
 CONFIG = ROOT / "configs" / "accelerate" / "cpu_fsdp2.yaml"
 MiB = 2**20
 
@@ -99,11 +97,7 @@ def launch(ranks: int, ep: int, scratch: Path) -> list[dict]:
                "--num_processes", str(ranks), "--fsdp_cpu_ram_efficient_loading", "false",
                str(Path(__file__).resolve()), "--worker", "--ep", str(ep),
                "--out", str(out), "--scratch", str(scratch / f"run-{ranks}-{ep}")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return run_for_json(command, out)
 
 
 def main() -> None:

@@ -26,12 +26,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from launching import ROOT, run_for_json  # noqa: E402  (bench/ is the script's folder)
 CONFIG = ROOT / "configs" / "accelerate" / "cpu_fsdp2.yaml"
 MiB = 2**20
 
@@ -112,11 +111,7 @@ def launch(ranks: int, *, every_rank: bool, checkpoint: Path, scratch: Path) -> 
         if every_rank:
             command += ["--fsdp_cpu_ram_efficient_loading", "false"]
         command += script
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return run_for_json(command, out)
 
 
 def main() -> None:

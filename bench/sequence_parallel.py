@@ -29,13 +29,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from launching import run_for_json  # noqa: E402  (bench/ is the script's folder)
 MiB = 2**20
 DOC = 256
 
@@ -124,11 +123,7 @@ def launch(sp: int, length: int, scratch: Path) -> list[dict]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={sp}", *script]
     # A fixed mmap threshold makes glibc return every freed tensor of >= 128 KiB to the OS at once, so the RSS
     # high-water mark follows live tensors instead of what the allocator keeps from the warm-up step.
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return run_for_json(command, out, MALLOC_MMAP_THRESHOLD_="131072")
 
 
 def main() -> None:
