@@ -39,10 +39,10 @@ from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..diffusion.masks import ATTN_IMPLEMENTATIONS
 from .sequence import SequenceShard
 
 ULYSSES_PREFIX = "ulysses_"
-BACKENDS = ("sdpa", "eager", "flex_attention")
 
 
 def ulysses_name(backend: str) -> str:
@@ -77,11 +77,11 @@ def apply_sequence_parallel(model, sp_size: int) -> str:
     config = model.config
     current = config._attn_implementation
     backend = base_backend(current)
-    if backend not in BACKENDS:
+    if backend not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"--sp_size ({sp_size}) needs an attention backend that takes the full-length block-diffusion mask, "
             f"but the model uses attn_implementation={current!r}; load it with attn_implementation in "
-            f"{BACKENDS} (flex_attention on GPU, sdpa elsewhere).")
+            f"{ATTN_IMPLEMENTATIONS} (flex_attention on GPU, sdpa elsewhere).")
     check_sequence_parallel_heads(config.num_attention_heads, config.num_key_value_heads, sp_size)
     if current != ulysses_name(backend):
         model.set_attn_implementation(ulysses_name(backend))

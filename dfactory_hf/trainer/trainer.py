@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
+from ..diffusion.masks import ATTN_IMPLEMENTATIONS
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
 from ..parallel.expert import apply_expert_parallel, check_expert_parallel
 from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_layout,
@@ -35,8 +36,6 @@ from .evaluation import evaluate_elbo, evaluate_generation
 from .forward import DiffusionObjective, diffusion_step
 from .metrics import MetricWindow
 from .router import RouterLoad
-
-MASK_ATTENTION_BACKENDS = ("sdpa", "eager", "flex_attention")
 
 
 class DiffusionTrainer(Trainer):
@@ -525,10 +524,10 @@ def _has_given_noise(dataset) -> bool:
 
 def _check_attention_backend(model, args, *, training: bool) -> None:
     implementation = base_backend(model.config._attn_implementation)
-    if implementation not in MASK_ATTENTION_BACKENDS:
+    if implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation ({implementation!r}) cannot take the block-diffusion mask; load the model with "
-            f"attn_implementation in {MASK_ATTENTION_BACKENDS} (flex_attention on GPU, sdpa elsewhere)."
+            f"attn_implementation in {ATTN_IMPLEMENTATIONS} (flex_attention on GPU, sdpa elsewhere)."
         )
     if training and implementation == "flex_attention" and args.device.type == "cpu":
         raise ValueError("flex_attention has no backward pass on CPU; train on CPU with attn_implementation='sdpa' "
