@@ -60,11 +60,6 @@ def test_router_bias_rate_must_be_non_negative(tmp_path):
         demo_args(tmp_path, router_bias_update_rate=-0.1)
 
 
-def test_lora_under_expert_parallel_is_refused_at_parsing(tmp_path):
-    with pytest.raises(ValueError, match=r"--use_peft with --ep_size \(2\).*not available"):
-        demo_args(tmp_path, use_peft=True, ep_size=2)
-
-
 def test_expert_plan_covers_every_moe_layer_and_a_planless_model_is_refused():
     model = tiny_model()
     plan = expert_parallel_plan(model)

@@ -57,9 +57,10 @@ class RankZeroBroadcastLoader:
     """Capture rank 0's weights before FSDP2 shards the model; fill every rank's shards after."""
 
     def __init__(self, model: torch.nn.Module, accelerator, optimizer: torch.optim.Optimizer,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, **reader_options):
         """`checkpoint`: read every rank's own pieces from this safetensors directory instead of broadcasting rank
-        0's tensors (expert parallel: the model is on meta on every rank, see `ShardReader`)."""
+        0's tensors (expert parallel: the model is on meta on every rank, see `ShardReader`, which takes
+        `reader_options`)."""
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         self.device = accelerator.device
@@ -68,7 +69,7 @@ class RankZeroBroadcastLoader:
         self.param_device = torch.device("cpu") if offload else self.device
         # Detached views of the host tensors (no copy), kept alive on rank 0 until broadcast: not the Parameter
         # objects, whose `.data` FSDP2 moves to the device before sharding (a full device copy per tensor).
-        self.reader = ShardReader(checkpoint, model.config) if checkpoint is not None else None
+        self.reader = ShardReader(checkpoint, model.config, **reader_options) if checkpoint is not None else None
         self.full = ({name: t.detach() for name, t in _tensors(model)} if dist.get_rank() == 0 and
                      self.reader is None else None)
         # accelerate maps the optimizer's parameters to the sharded ones by data_ptr, which is 0 for every meta
@@ -121,15 +122,21 @@ class ShardReader:
     only what it holds of the routed experts: its ep range of experts (hub per-expert keys, dFactory's merged
     keys or fused keys, by `get_slice`), then its FSDP chunk of that. Other tensors are read whole, one at a time,
     and cut to the rank's shard. Host memory for experts is about 1/ep of them (`expert_bytes_read` counts it).
-    Buffers the checkpoint does not hold (rotary `inv_freq`) are recomputed by the model's `_init_weights`."""
+    Buffers the checkpoint does not hold (rotary `inv_freq`) are recomputed by the model's `_init_weights`.
 
-    def __init__(self, directory: str, config):
+    `key_of(name)`: the checkpoint key of a model tensor (a wrapped model's names differ, e.g. PEFT's);
+    `initial_value(name, shape, dtype)`: the full value of a tensor the checkpoint cannot hold (LoRA adapters), or
+    None; any other tensor missing from the checkpoint is an error."""
+
+    def __init__(self, directory: str, config, *, key_of=None, initial_value=None):
         from ..models.llada2_moe.conversion import checkpoint_files
 
         self.directory = directory
         self.files = checkpoint_files(directory)
         self.num_experts = config.num_experts
         self.expert_bytes_read = 0
+        self.key_of = key_of or (lambda name: name)
+        self.initial_value = initial_value or (lambda name, shape, dtype: None)
 
     def _read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         from safetensors import safe_open
@@ -176,19 +183,27 @@ class ShardReader:
         def plain(name: str) -> str:
             return name.replace("_checkpoint_wrapped_module.", "")
 
-        missing_buffers = {plain(name) for name, _ in model.named_buffers() if plain(name) not in self.files}
+        missing_buffers = {plain(name) for name, _ in model.named_buffers()
+                           if self.key_of(plain(name)) not in self.files}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
         for module_name, module in model.named_modules():
             own = {plain(f"{module_name}.{b}" if module_name else b) for b, _ in module.named_buffers(recurse=False)}
             if own & missing_buffers:
-                model._init_weights(module)
+                base._init_weights(module)
         for name, tensor in _tensors(model):
             if name in missing_buffers:
                 continue
             target = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            key = self.key_of(name)
             if isinstance(tensor, DTensor) and "ep" in (tensor.device_mesh.mesh_dim_names or ()):
-                piece = self._expert_piece(name, tensor)
+                piece = self._expert_piece(key, tensor)
             else:
-                full = self._read(name)
+                full = self.initial_value(name, tensor.shape, tensor.dtype) if key not in self.files else None
+                if full is None:
+                    if key not in self.files:
+                        raise ValueError(f"{self.directory} has no tensor {key!r} (for the model's {name}); is it "
+                                         "a checkpoint of this model?")
+                    full = self._read(key)
                 piece = (distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
                          if isinstance(tensor, DTensor) else full)
             if tuple(piece.shape) != tuple(target.shape):

@@ -172,11 +172,22 @@ class DiffusionTrainingArguments(TrainingArguments):
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full model."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Dropout on the LoRA path, in [0, 1); default 0.05, or 0 with --lora_target_parameters "
+                          "(PEFT's adapters on parameters take no dropout)."},
+    )
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["query_key_value", "dense"],
         metadata={"help": "Module names that get adapters (LLaDA2 attention: query_key_value, dense; dense MLP "
-                          "and shared experts: gate_proj, up_proj, down_proj) or 'all-linear'."},
+                          "and shared experts: gate_proj, up_proj, down_proj) or 'all-linear'. Works with "
+                          "--ep_size > 1."},
+    )
+    lora_target_parameters: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Parameters that get adapters through PEFT's target_parameters, e.g. the routed experts: "
+                          "experts.gate_up_proj experts.down_proj (one rank-r adapter per expert). Not with "
+                          "--ep_size > 1."},
     )
 
     def __post_init__(self):
@@ -256,13 +267,27 @@ class DiffusionTrainingArguments(TrainingArguments):
                              "1e-3 is a common choice.")
         if self.use_peft and self.lora_r <= 0:
             raise ValueError(f"lora_r ({self.lora_r}) must be > 0 with use_peft.")
+        if self.lora_target_parameters and not self.use_peft:
+            raise ValueError(f"--lora_target_parameters ({' '.join(self.lora_target_parameters)}) adds LoRA "
+                             "adapters: add --use_peft true.")
+        if self.lora_dropout is None:
+            self.lora_dropout = 0.0 if self.lora_target_parameters else 0.05
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout ({self.lora_dropout}) must be in [0, 1).")
+        if self.lora_target_parameters and self.lora_dropout:
+            raise ValueError(f"--lora_dropout ({self.lora_dropout}) with --lora_target_parameters: PEFT's adapters "
+                             "on parameters cannot apply dropout; set --lora_dropout 0 (the default with "
+                             "--lora_target_parameters).")
 
     def validate_parallel_fields(self) -> None:
         """At argument parsing, before a model is loaded; the trainer checks again with the process group and the
         model's expert count (`ParallelState.from_args`)."""
-        if self.ep_size > 1 and self.use_peft:
-            raise ValueError(f"--use_peft with --ep_size ({self.ep_size}): LoRA under expert parallel is not available "
-                             "in this version; use --ep_size 1 (FSDP2 still shards the model) or full fine-tuning.")
+        if self.ep_size > 1 and self.lora_target_parameters:
+            raise ValueError(
+                f"--lora_target_parameters ({' '.join(self.lora_target_parameters)}) with --ep_size ({self.ep_size}): "
+                "under expert parallel each rank holds a slice of the routed experts, which PEFT's parameter "
+                "adapters cannot wrap; use --ep_size 1 (FSDP2 still shards the experts), or keep --ep_size and "
+                "adapt attention, dense MLPs and shared experts with --lora_target_modules only.")
         if self.sp_size > 1 and isinstance(self.block_size, int) and self.max_seq_len < self.sp_size * self.block_size:
             raise ValueError(
                 f"--max_seq_len ({self.max_seq_len}) must be >= sp_size x block_size ({self.sp_size} x "

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+from functools import partial
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
@@ -34,6 +35,7 @@ from .checkpoints import mark_complete, resolve_resume_checkpoint, rotate, unmar
 from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
 from .forward import DiffusionObjective, diffusion_step
+from .lora import apply_lora, base_model, checkpoint_key, initial_adapter_value
 from .metrics import MetricWindow
 from .router import RouterLoad
 
@@ -138,8 +140,10 @@ class DiffusionTrainer(Trainer):
         self.create_optimizer()  # before sharding, as Trainer does under FSDP2; the loader records its groups
         # Expert parallel with a model on meta everywhere (from_pretrained_on_rank0): every rank reads its own pieces.
         reads_own = self.parallel_state.ep_size > 1 and all(p.is_meta for p in self.model.parameters())
-        loader = RankZeroBroadcastLoader(self.model, self.accelerator, self.optimizer,
-                                         checkpoint=self.model.config._name_or_path if reads_own else None)
+        loader = RankZeroBroadcastLoader(
+            self.model, self.accelerator, self.optimizer,
+            checkpoint=self.model.config._name_or_path if reads_own else None,
+            key_of=checkpoint_key, initial_value=partial(initial_adapter_value, seed=self.args.seed))
         self._shard_reader = loader.reader
         if self._apply_expert_parallel():
             loader.rebind_optimizer(self.model, self.optimizer)
@@ -156,7 +160,7 @@ class DiffusionTrainer(Trainer):
         if self.parallel_state.ep_size == 1 or getattr(self, "_expert_modules", None) is not None:
             return False
         plugin = self.accelerator.state.fsdp_plugin
-        self._expert_modules = apply_expert_parallel(self.model, self.parallel_state,
+        self._expert_modules = apply_expert_parallel(base_model(self.model), self.parallel_state,
                                                      mp_policy=plugin.mixed_precision_policy,
                                                      offload_policy=plugin.cpu_offload)
         return True
@@ -324,8 +328,9 @@ class DiffusionTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                                cpu_offload=True))
+        # Under LoRA only the adapters are saved: gather the trainable tensors, not the frozen base model.
+        state_dict = get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=base_model(self.model) is not self.model))
         self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
         self.parallel_state.barrier()
 
@@ -494,20 +499,6 @@ def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_
     if args.padding_free:
         return PositionIdCollator(**common)
     return PaddingCollator(**common, max_seq_len=args.max_seq_len, pad_to_max_seq_len=args.pad_to_max_seq_len)
-
-
-def apply_lora(model, args: DiffusionTrainingArguments, peft_config=None):
-    from peft import LoraConfig, get_peft_model
-
-    if peft_config is None:
-        targets = args.lora_target_modules
-        peft_config = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=targets[0] if targets == ["all-linear"] else targets,
-        )
-    return get_peft_model(model, peft_config)
 
 
 def _epochs_to_cover(sampler: TokenBudgetBatchSampler, num_micro_batches: int) -> int:

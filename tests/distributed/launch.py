@@ -91,6 +91,8 @@ def assert_same_training(parallel: dict, single: dict, *, num_steps: int, atol: 
     from trainer_helpers import demo_model
     from transformers import AutoModelForCausalLM
 
+    from dfactory_hf.trainer.lora import checkpoint_key
+
     assert documents_per_step(parallel, num_steps=num_steps) == documents_per_step(single, num_steps=num_steps)
     assert parallel["supervised"] == single["supervised"]
     torch.testing.assert_close(torch.tensor(parallel["losses"]), torch.tensor(single["losses"]), rtol=0, atol=atol)
@@ -99,5 +101,10 @@ def assert_same_training(parallel: dict, single: dict, *, num_steps: int, atol: 
         torch.testing.assert_close(parallel["parameters"][name], value, rtol=0, atol=atol, msg=name)
     start = AutoModelForCausalLM.from_pretrained(initial) if initial else demo_model(seed=0)
     initial = dict(start.named_parameters())
+    trainable = set(parallel["trainable"])
     for name, value in parallel["parameters"].items():
-        assert not torch.equal(value, initial[name]), f"{name} did not change"
+        key = checkpoint_key(name)  # LoRA: the base model's name of a wrapped parameter
+        if key in initial:  # trained ones moved, frozen ones (LoRA's base model) did not
+            assert torch.equal(value, initial[key]) != (name in trainable), f"{name}: trainable={name in trainable}"
+        elif ".lora_B." in name:  # adapters start at B = 0
+            assert value.any(), f"{name} did not change"

@@ -144,3 +144,48 @@ def test_loading_reads_only_each_ranks_experts_and_trains_like_one_process(runs,
     assert parallel["expert_bytes_read"] == [expert_bytes // 2] * 2, "a rank read experts it does not hold"
     reference = runs("single-ga4-from-checkpoint", launcher="plain", grad_accum=4, layout="packed", model_path=path)
     assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5, initial=path)
+
+
+LORA_MODULES = "query_key_value,dense,gate_proj,up_proj,down_proj"  # attention, dense MLP, shared experts
+
+
+def test_lora_with_ep2_loaded_per_rank_trains_like_one_process_and_saves_the_adapters(runs, tmp_path):
+    # LoRA on attention, the dense MLP and the shared experts; the routed experts stay frozen and split over ep.
+    # The model comes from a checkpoint on meta everywhere (every rank reads its own experts); the adapters start
+    # from the seed alone, so they equal the one process's.
+    from model_helpers import to_hub_state_dict, write_checkpoint
+    from peft import PeftModel
+    from trainer_helpers import demo_model
+
+    model = demo_model(seed=0)
+    path = write_checkpoint(tmp_path / "hub", to_hub_state_dict(model.state_dict()), model.config)
+    parallel = train(tmp_path / "lora-ep.pt", launcher="accelerate", ranks=2, grad_accum=2, layout="packed",
+                     ep_size=2, max_steps=STEPS, model_path=path, lora_target_modules=LORA_MODULES,
+                     save_model=tmp_path / "adapter", output_dir=tmp_path / "run")
+    assert_expert_parallel_engaged(parallel, ranks=2, ep=2, experts_implementation="grouped_mm")
+    assert all(parallel["loaded_on_meta"])
+    assert parallel["trainable"] and all(".lora_" in name for name in parallel["trainable"])
+    assert not any(".experts." in name for name in parallel["trainable"])
+    assert any("shared_experts" in name for name in parallel["trainable"])
+    reference = runs("single-ga4-lora", launcher="plain", grad_accum=4, layout="packed",
+                     lora_target_modules=LORA_MODULES)
+    assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
+
+    # The final save holds the adapters only (gathered from the shards), and reloads onto the base in one process.
+    saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved, saved
+    reloaded = dict(PeftModel.from_pretrained(demo_model(seed=0), str(tmp_path / "adapter")).named_parameters())
+    for name in parallel["trainable"]:
+        torch.testing.assert_close(reloaded[name], parallel["parameters"][name], rtol=0, atol=0, msg=name)
+
+
+def test_lora_on_routed_experts_under_fsdp2_trains_like_one_process(runs):
+    # `--lora_target_parameters`: PEFT's per-expert adapters on the fused expert tensors, FSDP2-sharded (ep 1).
+    spec = dict(layout="packed", lora_target_modules="query_key_value",
+                lora_target_parameters="experts.gate_up_proj,experts.down_proj")
+    parallel = runs("fsdp2-lora-experts", launcher="accelerate", ranks=2, grad_accum=2, **spec)
+    assert parallel["world_size"] == 2 and parallel["is_fsdp2"] and parallel["num_sharded"] == parallel["num_params"]
+    expert_adapters = [name for name in parallel["trainable"] if ".experts." in name]
+    assert len(expert_adapters) == 2 * 2 * 3, expert_adapters  # (A, B) x (gate_up, down) x 3 MoE layers
+    reference = runs("single-ga4-lora-experts", launcher="plain", grad_accum=4, **spec)
+    assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)

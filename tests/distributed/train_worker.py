@@ -58,6 +58,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--full_attention", action="store_true", help="MDLM mode (x_t alone) instead of blocks")
     parser.add_argument("--model_path", default=None, help="from_pretrained this checkpoint (default: demo_model)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate() after training (loss, accuracy, ELBO)")
+    parser.add_argument("--lora_target_modules", default=None,
+                        help="comma-separated: train LoRA adapters on these modules (--use_peft)")
+    parser.add_argument("--lora_target_parameters", default=None, help="comma-separated, with --lora_target_modules")
     return parser.parse_args()
 
 
@@ -69,11 +72,16 @@ def main() -> None:
     saving = (dict(save_strategy="steps", save_steps=args.save_steps) if args.save_steps else {})
     output_dir = Path(args.output_dir or Path(args.out).with_suffix(".run"))
     learning_rate = 0.5 if args.optim == "sgd" else 3e-3
+    lora = {}
+    if args.lora_target_modules:
+        lora = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=args.lora_target_modules.split(","),
+                    lora_target_parameters=(args.lora_target_parameters or "").split(",") if
+                    args.lora_target_parameters else [], lora_dropout=0.0)
     training_args = demo_args(
         output_dir, optim=args.optim, learning_rate=learning_rate, max_grad_norm=0.0, max_steps=args.max_steps,
         logging_steps=1, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
         dp_replicate_size=args.dp_replicate_size, sp_size=args.sp_size, ep_size=args.ep_size,
-        router_bias_update_rate=args.router_bias_update_rate,
+        router_bias_update_rate=args.router_bias_update_rate, **lora,
         block_diffusion_mode=not args.full_attention, eval_mask_rates=[0.3, 0.7] if args.evaluate else [],
         per_device_eval_batch_size=4, **saving, **distributed, **layout)
     if args.model_path:
@@ -159,6 +167,7 @@ def main() -> None:
             first_local_numel=local_numel, first_numel=first.numel(),
             layout=trainer.parallel_state.describe(),
             parameters={name: full[name].detach().clone() for name in names},
+            trainable=[name for name, p in trainer.model.named_parameters() if p.requires_grad],
             losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             steps=[entry["step"] for entry in trainer.state.log_history if "loss" in entry],
             supervised=[entry["supervised_tokens"] for entry in trainer.state.log_history if "loss" in entry],

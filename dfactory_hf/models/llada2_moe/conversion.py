@@ -55,10 +55,15 @@ def hub_expert_conversions() -> list[WeightConverter]:
 
 
 def merged_expert_conversions() -> list[WeightConverter]:
-    """dFactory's merged keys -> fused; its `down_proj` [E, H, I] already has the fused name and shape."""
+    """dFactory's merged keys -> fused; its `down_proj` [E, H, I] already has the fused name and shape.
+
+    The lookahead keeps PEFT off our own adapters: when it loads a LoRA adapter, PEFT 0.21 turns each source
+    pattern `<prefix>.gate_proj$` into `<prefix>.lora_A.*` and would read the routed experts' fused-layout adapters
+    (`mlp.experts.lora_A.weight`) as merged-layout ones; `mlp.experts(?=...)` can precede only the merged keys."""
+    prefix = r"mlp.experts(?=\.gate_proj$|\.up_proj$)"
     return [
         WeightConverter(
-            source_patterns=["mlp.experts.gate_proj$", "mlp.experts.up_proj$"],
+            source_patterns=[prefix + ".gate_proj$", prefix + ".up_proj$"],
             target_patterns="mlp.experts.gate_up_proj",
             operations=[Concatenate(dim=1)],
         )
