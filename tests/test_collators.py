@@ -19,7 +19,8 @@ from dfactory_hf.data.tokenizer import load_demo_tokenizer
 
 PAD, EOS, MASK = 0, 1, 2
 BLOCK = 4
-KEYS = {"input_ids", "noisy_input_ids", "labels", "position_ids", "attention_mask", "mask_rate"}
+KEYS = {"input_ids", "noisy_input_ids", "labels", "position_ids", "attention_mask", "mask_rate", "noise_kind"}
+DTYPES = {"mask_rate": torch.float32, "noise_kind": torch.int8}
 FLASH_KEYS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
 
 
@@ -55,7 +56,7 @@ def check_contract(batch, features, *, noise_range=(0.3, 0.8), block_size=BLOCK)
     assert length % block_size == 0
     for key in KEYS:
         assert batch[key].shape == (num_rows, length), key
-        assert batch[key].dtype == (torch.float32 if key == "mask_rate" else torch.long), key
+        assert batch[key].dtype == DTYPES.get(key, torch.long), key
     x_0, x_t, labels = batch["input_ids"], batch["noisy_input_ids"], batch["labels"]
     real = batch["attention_mask"].bool()
     assert set(batch["attention_mask"].unique().tolist()) <= {0, 1}
@@ -66,8 +67,9 @@ def check_contract(batch, features, *, noise_range=(0.3, 0.8), block_size=BLOCK)
     assert (labels[~masked] == IGNORE_INDEX).all()
     assert torch.equal(x_t[~masked], x_0[~masked])
     assert not (masked & ~real).any()
+    assert torch.equal(batch["noise_kind"], masked.to(torch.int8))  # no edit stream here: 1 exactly where masked
     for key, value in (("input_ids", PAD), ("noisy_input_ids", PAD), ("labels", IGNORE_INDEX),
-                       ("position_ids", 0), ("mask_rate", 0.0)):
+                       ("position_ids", 0), ("mask_rate", 0.0), ("noise_kind", 0)):
         assert (batch[key][~real] == value).all(), key
 
     by_content = {tuple(f["input_ids"]): f for f in features}
@@ -143,7 +145,8 @@ def test_best_fit_chooses_the_fullest_row_not_the_first():
     batch = collator(PackingCollator, block_size=1, max_seq_len=10)(features)
     check_contract(batch, features, block_size=1)
     assert batch["attention_mask"].sum(1).tolist() == [7, 10]
-    documents = [NoisedDocument(*(torch.full((n,), n),) * 3, 0.5) for n in (7, 4, 2, 4)]
+    documents = [NoisedDocument(*(torch.full((n,), n),) * 3, 0.5, torch.zeros(n, dtype=torch.int8))
+                 for n in (7, 4, 2, 4)]
     rows = pack_best_fit(documents, 10)
     assert [[len(doc.x_0) for doc in row] for row in rows] == [[7], [4, 4, 2]]
 

@@ -87,3 +87,17 @@ def test_readme_documents_every_argument():
 
     readme = (ROOT / "README.md").read_text()
     assert arguments_markdown_table() in readme, "regenerate the README table: python -m dfactory_hf.trainer"
+
+
+@pytest.mark.slow
+def test_editing_benchmark_runs_in_its_quick_configuration(tmp_path):
+    import os
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "editing.py"), "--quick", "--threads", "1",
+                             "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| mask-only") or
+            line.startswith("| draft-and-edit")]
+    assert len(rows) == 2 * 2 * 2, result.stdout[-2000:]  # trainings x thresholds x (no edit, edit)

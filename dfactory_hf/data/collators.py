@@ -8,6 +8,9 @@ Every collator emits, for R rows of length L (L a multiple of `block_size`)::
     position_ids     long    [R, L]  0.. per document, 0 at row padding
     attention_mask   long    [R, L]  1 real token (EOS fill included), 0 row padding
     mask_rate        float32 [R, L]  t of the position's document, 0 at row padding
+    noise_kind       int8    [R, L]  what the noise did there: 0 nothing (prompt, padding, an unsupervised kept
+                                     token), 1 masked (M2T), 2 edited (T2T: a random token, label x_0),
+                                     3 kept and supervised (label: itself; only with `supervise_kept`)
 
 - `PaddingCollator`: one document per row, rows padded to the batch's longest document (already a multiple of
   `block_size`) or, with `pad_to_max_seq_len`, to `max_seq_len` (the public recipe's baseline).
@@ -20,6 +23,13 @@ Noise is seeded per document from (seed, sample_index, epoch), so a document get
 batch, row or rank, and a resumed run draws what an uninterrupted one would. `set_epoch` is called by the
 trainer at each epoch start. With `complementary_masking` each document yields two documents whose masks
 together cover every response token exactly once (both land in the same batch).
+
+Draft-and-edit (LLaDA2.1, `edit_noise_rate` > 0): after masking, each response token left visible is replaced by
+a random token from `edit_token_ids` with that probability and supervised with its clean token (REFERENCE 8).
+With complementary masking each instance draws its own edits among its own visible tokens, so every response
+token is still masked in exactly one instance, and may be edited in the other. Given noise (`noisy_input_ids`
+in the data) is used as given: its supervised positions count as masked where x_t holds the mask token and as
+edited elsewhere.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from ..diffusion.noise import (
     complement_mask_rate,
     complementary_pair,
     document_generator,
+    edit_document,
     mask_document,
     sample_mask_rate,
 )
@@ -41,11 +52,23 @@ from .sampler import next_fit
 IGNORE_INDEX = -100
 
 
+NOT_SUPERVISED, MASKED, EDITED, KEPT = 0, 1, 2, 3  # `noise_kind` values
+
+
 class NoisedDocument(NamedTuple):
     x_0: torch.Tensor  # [n]
     x_t: torch.Tensor  # [n]
     labels: torch.Tensor  # [n]
     mask_rate: float
+    noise_kind: torch.Tensor  # [n] int8
+
+
+def noised_document(x_0: torch.Tensor, x_t: torch.Tensor, is_masked: torch.Tensor, is_edited: torch.Tensor,
+                    is_kept: torch.Tensor, mask_rate: float) -> NoisedDocument:
+    """Labels and noise kinds from the position sets (disjoint bool [n] tensors)."""
+    kind = torch.zeros(x_0.shape, dtype=torch.int8)
+    kind[is_masked], kind[is_edited], kind[is_kept] = MASKED, EDITED, KEPT
+    return NoisedDocument(x_0, x_t, torch.where(kind > 0, x_0, IGNORE_INDEX), mask_rate, kind)
 
 
 @dataclass
@@ -62,6 +85,16 @@ class DiffusionCollator:
     seed: int = 0
     epoch: int = 0
     fixed_mask_rate: float | None = None  # every document masked at exactly this t (evaluation grids)
+    edit_noise_rate: float = 0.0  # draft-and-edit: P(a visible response token becomes a random token)
+    edit_token_ids: tuple[int, ...] | None = None  # distinct ids the replacements are drawn from
+    supervise_kept: bool = False  # label the visible, unedited response tokens with themselves (noise_kind 3)
+
+    def __post_init__(self):
+        if self.edit_noise_rate > 0 and (self.edit_token_ids is None or len(set(self.edit_token_ids)) < 2):
+            raise ValueError(f"edit_noise_rate ({self.edit_noise_rate}) needs edit_token_ids: at least 2 distinct "
+                             "ids to draw replacement tokens from (the vocabulary minus special tokens)")
+        self._edit_token_ids = (torch.tensor(sorted(set(self.edit_token_ids)), dtype=torch.long)
+                                if self.edit_token_ids else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -88,8 +121,10 @@ class DiffusionCollator:
         if feature.get("noisy_input_ids"):
             x_t = torch.as_tensor(feature["noisy_input_ids"], dtype=torch.long)
             labels = torch.as_tensor(feature["labels"], dtype=torch.long)
-            supervised = int((labels != IGNORE_INDEX).sum())
-            return [NoisedDocument(x_0, x_t, labels, supervised / max(len(x_0) - prompt_length, 1))]
+            supervised = labels != IGNORE_INDEX
+            kind = torch.where(x_t == self.mask_token_id, MASKED, EDITED).to(torch.int8) * supervised
+            rate = int(supervised.sum()) / max(len(x_0) - prompt_length, 1)
+            return [NoisedDocument(x_0, x_t, labels, rate, kind)]
         generator = document_generator(self.seed, int(feature["sample_index"]), self.epoch)
         if self.fixed_mask_rate is not None:
             t = self.fixed_mask_rate
@@ -97,13 +132,23 @@ class DiffusionCollator:
             t = float(sample_mask_rate(1, self.noise_range_low, self.noise_range_high, generator)[0])
         x_t, is_masked = mask_document(x_0, prompt_length, t, self.mask_token_id, generator,
                                        min_masked=self.min_masked_tokens)
-        documents = [NoisedDocument(x_0, x_t, torch.where(is_masked, x_0, IGNORE_INDEX), t)]
+        documents = [self._edited(x_0, x_t, prompt_length, is_masked, t, generator)]
         if self.complementary_masking:
             x_t_c, is_masked_c = complementary_pair(x_0, prompt_length, is_masked, self.mask_token_id)
-            documents.append(
-                NoisedDocument(x_0, x_t_c, torch.where(is_masked_c, x_0, IGNORE_INDEX), complement_mask_rate(t))
-            )
+            documents.append(self._edited(x_0, x_t_c, prompt_length, is_masked_c, complement_mask_rate(t), generator))
         return documents
+
+    def _edited(self, x_0, x_t, prompt_length: int, is_masked, t: float, generator) -> NoisedDocument:
+        """The document after the optional edit stream (no draw at all when edit_noise_rate is 0)."""
+        is_edited = torch.zeros_like(is_masked)
+        if self.edit_noise_rate > 0:
+            x_t, is_edited = edit_document(x_t, prompt_length, is_masked, self.edit_noise_rate,
+                                           self._edit_token_ids, generator)
+        is_kept = torch.zeros_like(is_masked)
+        if self.supervise_kept:
+            is_kept[prompt_length:] = True
+            is_kept &= ~is_masked & ~is_edited
+        return noised_document(x_0, x_t, is_masked, is_edited, is_kept, t)
 
 
 @dataclass
@@ -157,6 +202,13 @@ class PositionIdCollator(DiffusionCollator):
         return batch
 
 
+def edit_token_ids(tokenizer, *, vocab_size: int) -> tuple[int, ...]:
+    """The ids an edit may write: the tokenizer's tokens that the model can embed, minus special tokens (mask,
+    EOS, padding, control tokens: an edit never forges structure)."""
+    special = set(tokenizer.all_special_ids)
+    return tuple(i for i in range(min(len(tokenizer), vocab_size)) if i not in special)
+
+
 def _check_fits(size: int, capacity: int) -> None:
     if size > capacity:
         raise ValueError(f"A document of {size} tokens does not fit a row of max_seq_len={capacity} tokens.")
@@ -197,6 +249,7 @@ def rows_to_batch(rows: list[list[NoisedDocument]], row_length: int, pad_token_i
         "position_ids": torch.zeros((num_rows, row_length), dtype=torch.long),
         "attention_mask": torch.zeros((num_rows, row_length), dtype=torch.long),
         "mask_rate": torch.zeros((num_rows, row_length), dtype=torch.float32),
+        "noise_kind": torch.zeros((num_rows, row_length), dtype=torch.int8),
     }
     for r, row in enumerate(rows):
         start = 0
@@ -208,5 +261,6 @@ def rows_to_batch(rows: list[list[NoisedDocument]], row_length: int, pad_token_i
             batch["position_ids"][r, start:end] = torch.arange(len(doc.x_0))
             batch["attention_mask"][r, start:end] = 1
             batch["mask_rate"][r, start:end] = doc.mask_rate
+            batch["noise_kind"][r, start:end] = doc.noise_kind
             start = end
     return batch

@@ -42,6 +42,10 @@ class DiffusionLossOutput:
     cap_sum: torch.Tensor  # fp32, sum of entropies at tokens with argmax == label (before confidence_beta)
     num_correct: torch.Tensor  # int64, tokens with argmax == label
     num_tokens: int  # N, supervised tokens in this micro-batch
+    # With `groups`: per group g (e.g. the noise kinds), fp32 CE sum, int64 correct and token counts, [G] each.
+    group_ce_sum: torch.Tensor | None = None
+    group_correct: torch.Tensor | None = None
+    group_tokens: torch.Tensor | None = None
 
 
 def loss_weights(mask_rate: torch.Tensor, mode: str) -> torch.Tensor:
@@ -59,6 +63,24 @@ def loss_weights(mask_rate: torch.Tensor, mode: str) -> torch.Tensor:
         f"mode ({mode!r}) must be one of {', '.join(repr(m) for m in LOSS_WEIGHTING_MODES)}: 'mean' "
         "weights every supervised token 1, 'elbo' weights it 1/t of its document"
     )
+
+
+def stream_weights(mask_rate: torch.Tensor, noise_kind: torch.Tensor, mode: str, *,
+                   keep_weight: float = 0.0, kept_kind: int = 3) -> torch.Tensor:
+    """Per-token weights of draft-and-edit training: `loss_weights(mask_rate, mode)` at masked and edited tokens
+    (a corrupted token of a document gets that document's weight, so given noise weighs as before), times
+    `keep_weight` at kept tokens (`noise_kind == kept_kind`, supervised with themselves). mask_rate, noise_kind:
+    [N] at the supervised tokens."""
+    weights = loss_weights(mask_rate, mode)
+    if keep_weight != 1.0:
+        weights = torch.where(noise_kind == kept_kind, weights * keep_weight, weights)
+    return weights
+
+
+def at_targets(values: torch.Tensor, selector: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    """[B, L] per-position values -> [N] at the positions of the targets `gather_supervised` returned (the
+    supervised token's own position: p + 1 for the logit at p when shifted), in the same order."""
+    return values[:, 1:][selector[:, :-1]] if shift else values[selector]
 
 
 def gather_supervised(
@@ -118,6 +140,8 @@ def diffusion_loss(
     num_items: int | torch.Tensor | None = None,
     confidence_beta: float = 0.0,
     chunk_size: int | None = None,
+    groups: torch.Tensor | None = None,
+    num_groups: int = 0,
 ) -> DiffusionLossOutput:
     """Weighted masked-token CE plus the CAP entropy term, normalised by the global token count.
 
@@ -133,6 +157,7 @@ def diffusion_loss(
         (cap_sum is still reported, computed without a graph).
     chunk_size: rows per chunk for the fp32 softmax, recomputed in backward; None = all at once.
         Chunked and unchunked results are equal.
+    groups: [N] ids in [0, num_groups): also report CE sums, correct and token counts per group (metrics only).
 
     N == 0 gives a loss of exactly 0 that is still attached to `logits`, so backward runs and
     produces zero (finite) gradients on every parameter that produced the logits.
@@ -162,6 +187,21 @@ def diffusion_loss(
     else:
         denominator = max(num_items, 1)
 
+    if groups is not None and groups.shape != labels.shape:
+        raise ValueError(f"groups ({tuple(groups.shape)}) must be [N] like labels ({tuple(labels.shape)})")
+
+    def per_group(ce: torch.Tensor, is_correct: torch.Tensor) -> dict[str, torch.Tensor]:
+        if groups is None:
+            return {}
+        index = groups.long()
+        return dict(
+            group_ce_sum=ce.new_zeros(num_groups).index_add_(0, index, ce.detach()),
+            group_correct=torch.zeros(num_groups, dtype=torch.long, device=ce.device).index_add_(
+                0, index, is_correct.long()),
+            group_tokens=torch.zeros(num_groups, dtype=torch.long, device=ce.device).index_add_(
+                0, index, torch.ones_like(index)),
+        )
+
     zero = logits.new_zeros((), dtype=torch.float32)
     if num_tokens == 0:
         return DiffusionLossOutput(
@@ -170,6 +210,7 @@ def diffusion_loss(
             cap_sum=zero,
             num_correct=torch.zeros((), dtype=torch.long, device=logits.device),
             num_tokens=0,
+            **per_group(zero.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=logits.device)),
         )
 
     with_cap = confidence_beta > 0.0
@@ -201,4 +242,5 @@ def diffusion_loss(
         cap_sum=confident_entropy.detach().sum(),
         num_correct=is_correct.sum(),
         num_tokens=num_tokens,
+        **per_group(ce, is_correct),
     )

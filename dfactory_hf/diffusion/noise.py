@@ -1,4 +1,5 @@
-"""Forward (noising) process of masked diffusion SFT: mask rate t, x_t from x_0, complementary pairs.
+"""Forward (noising) process of masked diffusion SFT: mask rate t, x_t from x_0, complementary pairs, and the
+token-to-token edit stream of draft-and-edit training (LLaDA2.1, `edit_document`).
 
 Usage, per document (the collator draws the noise, see docs/design.md)::
 
@@ -8,6 +9,8 @@ Usage, per document (the collator draws the noise, see docs/design.md)::
     # optional second instance, every response token supervised exactly once per pair:
     x_t_c, is_masked_c = complementary_pair(x_0, prompt_length, is_masked, mask_token_id)
     t_c = complement_mask_rate(t)
+    # optional draft-and-edit stream: some visible response tokens replaced by random ones
+    x_t, is_edited = edit_document(x_t, prompt_length, is_masked, edit_rate, edit_token_ids, generator)
 
 Choices and their costs:
 
@@ -122,6 +125,58 @@ def mask_document(
     is_masked[prompt_length:] = is_masked_response
     x_t = x_0.masked_fill(is_masked, mask_token_id)
     return x_t, is_masked
+
+
+def validate_edit_noise_rate(rate: float) -> None:
+    """Raise `ValueError` unless 0 <= rate < 1 (the probability of replacing a visible response token)."""
+    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and 0.0 <= rate < 1.0):
+        raise ValueError(f"edit_noise_rate ({rate!r}) must be in [0, 1): the probability that a response token "
+                         "left visible is replaced by a random token (0 = off; LLaDA2.1-style training uses a "
+                         "small rate such as 0.1)")
+
+
+def edit_document(
+    x_t: torch.Tensor,
+    prompt_length: int,
+    is_masked: torch.Tensor,
+    rate: float,
+    edit_token_ids: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token-to-token (T2T) stream of draft-and-edit training (LLaDA2.1): replace each response token that
+    masking left visible by a random token with probability `rate`.
+
+    x_t: [n] the masked document (`mask_document`'s output); is_masked: [n] bool. edit_token_ids: [C] long, the
+    ids a replacement is drawn from (the vocabulary minus special tokens, C >= 2). The replacement is uniform over
+    `edit_token_ids` minus the position's own token, so an edit always changes the token. Prompt and masked
+    positions are never touched. Returns `(x_t_edited, is_edited)`, both [n].
+
+    Draws from `generator` after the mask draws, so with `rate = 0` nothing is drawn and the mask stream of the
+    document is the same as without editing.
+    """
+    _validate_document(x_t, prompt_length)
+    validate_edit_noise_rate(rate)
+    if edit_token_ids.dim() != 1 or edit_token_ids.numel() < 2:
+        raise ValueError(f"edit_token_ids ({tuple(edit_token_ids.shape)}) must be a 1-D tensor of at least 2 ids to "
+                         "draw replacements from")
+    is_edited = torch.zeros_like(is_masked)
+    if rate == 0.0:
+        return x_t, is_edited
+    num_response = x_t.numel() - prompt_length
+    u = torch.rand(num_response, generator=generator)
+    pick = torch.rand(num_response, generator=generator)
+    visible = x_t[prompt_length:]
+    is_edited[prompt_length:] = (u < rate) & ~is_masked[prompt_length:]
+    # Uniform over the candidates minus the own token: draw among the first C - 1 candidates when the own token
+    # is one of them, and read a draw of the own token as the last candidate (which the draw excludes).
+    own_is_candidate = torch.isin(visible, edit_token_ids)
+    num_choices = edit_token_ids.numel() - own_is_candidate.long()
+    index = (pick * num_choices).long().clamp(max=edit_token_ids.numel() - 1)
+    replacement = edit_token_ids[index]
+    replacement = torch.where(replacement == visible, edit_token_ids[-1], replacement)
+    x_t = x_t.clone()
+    x_t[prompt_length:] = torch.where(is_edited[prompt_length:], replacement, visible)
+    return x_t, is_edited
 
 
 def complementary_pair(

@@ -33,6 +33,12 @@ def add_generate_command(subparsers) -> None:
     command.add_argument("--steps", type=int, default=32, help="most denoising steps per block")
     command.add_argument("--threshold", type=float, default=0.95,
                          help="commit a position early once its token's probability exceeds this, in (0, 1]")
+    command.add_argument("--edit_threshold", type=float,
+                         help="draft-and-edit decoding (LLaDA2.1): also rewrite a filled position of the current "
+                              "block when the model's token differs with probability above this, in (0, 1]; "
+                              "unset = no editing")
+    command.add_argument("--edit_steps", type=int, default=8,
+                         help="with --edit_threshold: the most edit-only passes per block once nothing is masked")
     command.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     command.add_argument("--top_k", type=int, help="sample only among the k most likely tokens")
     command.add_argument("--top_p", type=float, help="sample only within this much probability mass, in (0, 1]")
@@ -104,6 +110,8 @@ def run_generate(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         generator=generator,
         on_block_committed=print_block,
+        edit_threshold=args.edit_threshold,
+        edit_steps=args.edit_steps,
     )
     for row, (prompt, answer) in enumerate(zip(args.prompt, answers)):
         print(f"\n=== answer {row} ({len(answer)} tokens) to {prompt!r} ===")

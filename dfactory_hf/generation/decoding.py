@@ -5,6 +5,9 @@ Inside a block, every denoising step
 2. commits the still-masked positions whose probability exceeds `threshold`, or, when fewer than the
    step's scheduled number pass, the most confident ones (`select_positions_to_commit`),
 where the schedule spreads the block's initially masked positions over `steps` (`transfer_schedule`).
+With draft-and-edit decoding (LLaDA2.1, REFERENCE 8) the same step also
+3. rewrites the already filled positions whose picked token differs from theirs with probability above
+   `edit_threshold` (`select_positions_to_edit`): the token-to-token set, applied together with the commits.
 Nothing here knows about models, caches or padding; `sampler.py` drives these functions.
 """
 
@@ -51,6 +54,18 @@ def select_positions_to_commit(
     most_confident = still_masked & (rank < num_scheduled.unsqueeze(-1))
 
     return torch.where(enough_above.unsqueeze(-1), above_threshold, most_confident)
+
+
+def select_positions_to_edit(
+    confidence: torch.Tensor,
+    tokens: torch.Tensor,
+    current: torch.Tensor,
+    editable: torch.Tensor,
+    edit_threshold: float,
+) -> torch.Tensor:
+    """The editing (T2T) set of a step: bool [..., L], the `editable` positions (filled earlier in the block)
+    whose picked token `tokens` differs from their `current` token with `confidence > edit_threshold`."""
+    return editable & (tokens != current) & (confidence > edit_threshold)
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -23,13 +23,14 @@ step (the reference). At temperature 0 both give the same tokens.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .decoding import pick_tokens, select_positions_to_commit, transfer_schedule
+from .decoding import pick_tokens, select_positions_to_commit, select_positions_to_edit, transfer_schedule
 from .validation import check_attention_backend, check_prompt_lengths, normalize_prompts, validate_generation_args
 
 BlockCallback = Callable[[list[list[int]], int], None]
@@ -40,7 +41,8 @@ class DenoisingStep:
     """What one denoising step saw and decided, for `generate(on_step=...)` (visualisation, debugging).
 
     All [B, L] over the current block, except `logits` [B, L, V]; rows that are done have nothing masked.
-    Only still-masked positions get logits, a token and a confidence; the others hold zeros.
+    Only still-masked positions get logits, a token and a confidence (with `edit_threshold`, also the block's
+    filled generated positions); the others hold zeros.
     """
 
     block_index: int  # generated blocks counted from 0
@@ -50,6 +52,7 @@ class DenoisingStep:
     confidence: torch.Tensor  # its probability
     still_masked: torch.Tensor  # bool: masked before this step
     committed: torch.Tensor  # bool: committed by this step
+    edited: torch.Tensor | None = None  # bool: filled earlier, rewritten by this step (draft-and-edit decoding)
 
 
 @dataclass
@@ -181,6 +184,8 @@ def _decode(
     generator: torch.Generator | None,
     on_block_committed: BlockCallback | None,
     on_step: Callable[[DenoisingStep], None] | None,
+    edit_threshold: float | None = None,
+    edit_steps: int = 0,
 ) -> list[list[int]]:
     block_length = canvas.block_length
     batch = canvas.tokens.shape[0]
@@ -191,40 +196,61 @@ def _decode(
     if cache is not None and canvas.first_block > 0:
         _forward(model, canvas, 0, canvas.first_block * block_length, cache, logits_to_keep=1)
 
+    editing = edit_threshold is not None
     for block in range(canvas.first_block, canvas.num_blocks):
         start, end = block * block_length, (block + 1) * block_length
         block_tokens = canvas.tokens[:, start:end]  # a view: commits write into the canvas
         still_masked = canvas.to_fill[:, start:end] & (block_tokens == mask_token_id) & ~done[:, None]  # [B, L]
+        editable = torch.zeros_like(still_masked)  # generated positions of this block already filled
         schedule = transfer_schedule(still_masked.sum(dim=-1), steps)  # [B, steps]
+        block_cached = False  # the cache already holds this block's final keys and values
 
-        for step in range(steps):
-            if not still_masked.any():
-                break
-            # lm_head only at still-masked positions: the other logits would be thrown away.
+        # Unmasking takes at most `steps` passes (the schedule); editing may add `edit_steps` passes after it.
+        edit_only_passes = 0
+        for step in itertools.count():
+            unmasking = bool(still_masked.any())
+            if not unmasking:
+                if not editing or edit_only_passes == edit_steps or not editable.any():
+                    break
+                edit_only_passes += 1
+            live = still_masked | editable if editing else still_masked  # the positions that need logits
+            # lm_head only where a decision is taken: the other logits would be thrown away.
             if cache is None:
-                keep = torch.nn.functional.pad(still_masked, (start, 0))  # [B, end]
-                masked_logits = _forward(model, canvas, 0, end, None, keep)
+                keep = torch.nn.functional.pad(live, (start, 0))  # [B, end]
+                live_logits = _forward(model, canvas, 0, end, None, keep)
             else:
-                masked_logits = _forward(model, canvas, start, end, cache, still_masked)
-                _drop_uncommitted(cache, start)
+                live_logits = _forward(model, canvas, start, end, cache, live)
             picked, picked_confidence = pick_tokens(
-                masked_logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                live_logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
-            tokens = torch.zeros_like(block_tokens).masked_scatter_(still_masked, picked)
-            confidence = torch.zeros(still_masked.shape, device=picked.device).masked_scatter_(
-                still_masked, picked_confidence)
-            commit = select_positions_to_commit(confidence, still_masked, schedule[:, step], threshold)
-            block_tokens.copy_(torch.where(commit, tokens, block_tokens))
+            tokens = torch.zeros_like(block_tokens).masked_scatter_(live, picked)
+            confidence = torch.zeros(live.shape, device=picked.device).masked_scatter_(live, picked_confidence)
+            scheduled = schedule[:, step] if step < steps else 0  # past `steps` nothing is masked any more
+            commit = select_positions_to_commit(confidence, still_masked, scheduled, threshold)
+            # An edit never writes the mask token back (that would re-mask a position outside the schedule).
+            edit = (select_positions_to_edit(confidence, tokens, block_tokens, editable, edit_threshold)
+                    & (tokens != mask_token_id) if editing else torch.zeros_like(commit))
+            block_tokens.copy_(torch.where(commit | edit, tokens, block_tokens))
+            if cache is not None:
+                # A pass that found nothing to change ran on the block's final tokens: its keys and values are the
+                # ones the block appends, so they stay (editing only; one forward fewer per block).
+                block_cached = editing and not unmasking and not edit.any()
+                if not block_cached:
+                    _drop_uncommitted(cache, start)
             if on_step is not None:
                 block_index = block - canvas.first_block
-                logits = masked_logits.new_zeros(*still_masked.shape, masked_logits.shape[-1])
-                logits[still_masked] = masked_logits
-                on_step(DenoisingStep(block_index, step, logits, tokens, confidence, still_masked, commit))
+                logits = live_logits.new_zeros(*live.shape, live_logits.shape[-1])
+                logits[live] = live_logits
+                on_step(DenoisingStep(block_index, step, logits, tokens, confidence, still_masked, commit, edit))
             still_masked = still_masked & ~commit  # not in place: on_step may keep the previous tensor
+            editable = editable | commit
             if eos_early_stop:
                 stopped = _eos_stopped(canvas, eos_token_id, end, mask_token_id=mask_token_id) & ~done
                 done |= stopped
                 still_masked = still_masked & ~stopped[:, None]
+                editable = editable & ~stopped[:, None]
+            if editing and not unmasking and not edit.any():
+                break  # nothing masked and nothing to edit: the block is final
         assert not still_masked.any(), "the transfer schedule commits every masked position within `steps` steps"
 
         done |= _eos_stopped(canvas, eos_token_id, end, mask_token_id=mask_token_id)
@@ -238,7 +264,7 @@ def _decode(
             on_block_committed(new_tokens, block - canvas.first_block)
         if done.all():
             break
-        if cache is not None:
+        if cache is not None and not block_cached:
             _forward(model, canvas, start, end, cache, logits_to_keep=1)  # append the finished block's keys/values
 
     return [_answer_tokens(canvas, row, canvas.tokens.shape[1], eos_token_id) for row in range(batch)]
@@ -262,6 +288,8 @@ def generate(
     generator: torch.Generator | None = None,
     on_block_committed: BlockCallback | None = None,
     on_step: Callable[[DenoisingStep], None] | None = None,
+    edit_threshold: float | None = None,
+    edit_steps: int = 8,
 ) -> list[list[int]]:
     """Generate up to `gen_length` tokens after each prompt by block diffusion; returns one id list per prompt.
 
@@ -279,6 +307,14 @@ def generate(
     answer tokens that this block added (concatenated over the calls they equal the returned list), and
     `block_index` counts generated blocks from 0.
     on_step(DenoisingStep): called after every denoising step's decision, before it is applied (see the class).
+    edit_threshold: draft-and-edit decoding (LLaDA2.1): at every step, a generated position of the current block
+    that is already filled is rewritten when the picked token differs from it with probability above this, at
+    the same step as the unmasking set. None (default) never edits: token for token today's decoding. A low
+    `threshold` ("speed mode") commits drafts early and relies on the edits to repair them.
+    edit_steps: with editing, the most extra passes per block once nothing is masked (edits cannot flip
+    forever); a block ends earlier at the first of them that changes nothing. So a block costs up to one pass
+    more than without editing when its drafts are right, and the cache then saves the append pass.
+    Earlier blocks are never revised (multi-block editing is not implemented).
 
     The model runs in eval mode under no_grad (its training mode is restored afterwards) with 4D boolean
     block-causal masks, so its attention implementation must be sdpa or eager.
@@ -292,6 +328,8 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         mask_token_id=mask_token_id,
+        edit_threshold=edit_threshold,
+        edit_steps=edit_steps,
     )
     prompts = normalize_prompts(prompt_ids)
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -319,6 +357,8 @@ def generate(
             generator=generator,
             on_block_committed=on_block_committed,
             on_step=on_step,
+            edit_threshold=edit_threshold,
+            edit_steps=edit_steps,
         )
     finally:
         model.train(was_training)

@@ -21,6 +21,8 @@ def validate_generation_args(
     top_k: int | None,
     top_p: float | None,
     mask_token_id: int | None,
+    edit_threshold: float | None = None,
+    edit_steps: int = 0,
 ) -> None:
     if gen_length <= 0:
         raise ValueError(f"gen_length ({gen_length}) must be > 0: it is the number of tokens to generate per prompt.")
@@ -36,6 +38,14 @@ def validate_generation_args(
             f"threshold ({threshold}) must be in (0, 1]: positions whose probability exceeds it are committed; "
             "1.0 commits only the scheduled number per step."
         )
+    if edit_threshold is not None and not 0.0 < edit_threshold <= 1.0:
+        raise ValueError(
+            f"edit_threshold ({edit_threshold}) must be in (0, 1]: a filled position is rewritten when the model's "
+            "top token differs from it with probability above it (None = no editing; e.g. 0.9)."
+        )
+    if isinstance(edit_steps, bool) or not isinstance(edit_steps, int) or edit_steps < 0:
+        raise ValueError(f"edit_steps ({edit_steps!r}) must be an integer >= 0: the extra denoising passes per "
+                         "block that may only edit, once nothing is masked (e.g. 8).")
     if temperature < 0:
         raise ValueError(f"temperature ({temperature}) must be >= 0; use 0 for greedy decoding.")
     if top_k is not None and top_k <= 0:

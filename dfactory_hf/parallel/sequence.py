@@ -61,7 +61,7 @@ class SequenceShard:
         return torch.cat([self.piece(segment) for segment in segments], dim=1)
 
 
-_ROW_PADDING = {"labels": IGNORE_INDEX, "position_ids": 0, "attention_mask": 0, "mask_rate": 0}
+_ROW_PADDING = {"labels": IGNORE_INDEX, "position_ids": 0, "attention_mask": 0, "mask_rate": 0, "noise_kind": 0}
 
 
 def pad_rows(batch: dict[str, Tensor], *, multiple: int) -> dict[str, Tensor]:
@@ -69,7 +69,7 @@ def pad_rows(batch: dict[str, Tensor], *, multiple: int) -> dict[str, Tensor]:
 
     Token ids are padded with each row's last id (a collator's padding or EOS fill; any in-vocabulary id would
     do, since padding is never attended by a real token nor supervised); labels -100, attention_mask,
-    position_ids and mask_rate 0, as the collators pad.
+    position_ids, mask_rate and noise_kind 0, as the collators pad.
     """
     seq_len = batch["input_ids"].shape[1]
     extra = -seq_len % multiple

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..diffusion.loss import LOSS_WEIGHTING_MODES
-from ..diffusion.noise import validate_noise_range
+from ..diffusion.noise import validate_edit_noise_rate, validate_noise_range
 from ..parallel.state import ParallelSizes
 
 OVERLONG_POLICIES = ("skip", "truncate")
@@ -61,6 +61,18 @@ class DiffusionTrainingArguments(TrainingArguments):
         default="mean",
         metadata={"help": "'mean': plain mean over supervised tokens (dFactory). 'elbo': weight 1/t per sample "
                           "(the MDLM ELBO)."},
+    )
+    edit_noise_rate: float = field(
+        default=0.0,
+        metadata={"help": "Draft-and-edit training (LLaDA2.1), in [0, 1): after masking, each response token left "
+                          "visible becomes a random token (the vocabulary minus special tokens) with this "
+                          "probability and learns to be put back (the T2T stream). 0 = off (mask-only noise)."},
+    )
+    edit_keep_weight: float = field(
+        default=0.0,
+        metadata={"help": "Draft-and-edit: loss weight (>= 0) of the response tokens left visible and unedited, "
+                          "supervised with themselves so the model learns to leave right tokens alone. 0 = not "
+                          "supervised. Counted in the token normalisation like any supervised token."},
     )
     mask_token_id: int | None = field(
         default=None,
@@ -213,6 +225,10 @@ class DiffusionTrainingArguments(TrainingArguments):
         validate_noise_range(self.noise_range_low, self.noise_range_high)
         if self.confidence_beta < 0:
             raise ValueError(f"confidence_beta ({self.confidence_beta}) must be >= 0; 0 disables CAP.")
+        validate_edit_noise_rate(self.edit_noise_rate)
+        if not (math.isfinite(self.edit_keep_weight) and self.edit_keep_weight >= 0):
+            raise ValueError(f"edit_keep_weight ({self.edit_keep_weight}) must be >= 0 (0 = kept tokens are not "
+                             "supervised); e.g. 0.1.")
         if self.loss_weighting not in LOSS_WEIGHTING_MODES:
             raise ValueError(f"loss_weighting ({self.loss_weighting!r}) must be one of {LOSS_WEIGHTING_MODES}.")
         if self.overlong_document_policy not in OVERLONG_POLICIES:

@@ -44,7 +44,9 @@ def evaluate_elbo(trainer, dataset, *, prefix: str = "eval") -> dict[str, float]
     response_tokens = sum(n - p for n, p in zip(dataset["num_tokens"], dataset["prompt_length"]))
     metrics, nll_terms = {}, []
     for rate in trainer.args.eval_mask_rates:
-        collator = replace(trainer._eval_collator, fixed_mask_rate=rate, complementary_masking=False)
+        # The bound is over the masking process alone: no edit stream, no kept-token supervision.
+        collator = replace(trainer._eval_collator, fixed_mask_rate=rate, complementary_masking=False,
+                           edit_noise_rate=0.0, supervise_kept=False)
         ce_sum = supervised = 0.0
         for index, items in enumerate(batches):
             batch = trainer._prepare_inputs(collator([dataset[i] for i in items]))
@@ -66,8 +68,10 @@ def evaluate_elbo(trainer, dataset, *, prefix: str = "eval") -> dict[str, float]
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, dataset, *, num_samples: int, gen_length: int, block_length: int,
-                     threshold: float, mask_token_id: int, batch_size: int = 8, indices: list[int] | None = None):
-    """Answer the first `num_samples` rows (documents with an `answer` column) by block-diffusion generation."""
+                     threshold: float, mask_token_id: int, batch_size: int = 8, indices: list[int] | None = None,
+                     **decoding):
+    """Answer the first `num_samples` rows (documents with an `answer` column) by block-diffusion generation;
+    `decoding`: more `generate` arguments (e.g. `edit_threshold`)."""
     if "answer" not in dataset.column_names:
         raise ValueError("Generation-based evaluation needs an `answer` column in the evaluation dataset.")
     indices = list(range(min(num_samples, len(dataset)))) if indices is None else indices
@@ -78,14 +82,14 @@ def generate_answers(model, tokenizer, dataset, *, num_samples: int, gen_length:
     try:
         return _answer_batches(model, tokenizer, dataset, indices, gen_length=gen_length,
                                block_length=block_length, threshold=threshold, mask_token_id=mask_token_id,
-                               batch_size=batch_size)
+                               batch_size=batch_size, **decoding)
     finally:
         if trained_with not in ("sdpa", "eager"):
             model.set_attn_implementation(trained_with)
 
 
 def _answer_batches(model, tokenizer, dataset, indices, *, gen_length, block_length, threshold, mask_token_id,
-                    batch_size) -> list[dict]:
+                    batch_size, **decoding) -> list[dict]:
     from ..generation import generate
 
     records = []
@@ -93,12 +97,13 @@ def _answer_batches(model, tokenizer, dataset, indices, *, gen_length, block_len
         rows = [dataset[i] for i in indices[start:start + batch_size]]
         prompts = [row["input_ids"][: row["prompt_length"]] for row in rows]
         outputs = generate(model, prompts, gen_length=gen_length, block_length=block_length, steps=block_length,
-                           threshold=threshold, eos_token_id=tokenizer.eos_token_id, mask_token_id=mask_token_id)
+                           threshold=threshold, eos_token_id=tokenizer.eos_token_id, mask_token_id=mask_token_id,
+                           **decoding)
         for row, prompt, output in zip(rows, prompts, outputs):
             text = tokenizer.decode(output, skip_special_tokens=True)
             predicted = extract_answer(text)
             records.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True), "completion": text,
-                            "predicted": predicted, "answer": row["answer"],
+                            "predicted": predicted, "answer": row["answer"], "num_tokens": len(output),
                             "correct": exact_match(text, str(row["answer"]))})
     return records
 

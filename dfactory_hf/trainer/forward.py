@@ -13,9 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.loss import IGNORE_INDEX, DiffusionLossOutput, diffusion_loss, gather_supervised, loss_weights
+from ..diffusion.loss import (IGNORE_INDEX, DiffusionLossOutput, at_targets, diffusion_loss, gather_supervised,
+                              stream_weights)
 from ..diffusion.masks import build_attention_mask
 from ..parallel.sequence import SequenceShard, pad_rows
+
+
+NUM_NOISE_KINDS = 4  # collators.py: not supervised, masked, edited, kept
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class DiffusionObjective:
     loss_weighting: str = "mean"
     confidence_beta: float = 0.0
     loss_chunk_size: int | None = 4096
+    edit_keep_weight: float = 0.0  # draft-and-edit: weight of the kept tokens (noise_kind 3)
+    edit_streams: bool = False  # report the loss per noise kind (M2T, T2T, kept)
 
     @classmethod
     def from_args(cls, args) -> DiffusionObjective:
@@ -36,6 +42,8 @@ class DiffusionObjective:
             loss_weighting=args.loss_weighting,
             confidence_beta=args.confidence_beta,
             loss_chunk_size=args.loss_chunk_size,
+            edit_keep_weight=args.edit_keep_weight,
+            edit_streams=args.edit_noise_rate > 0 or args.edit_keep_weight > 0,
         )
 
     def supervised(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,18 +108,25 @@ def diffusion_step(model, batch: dict[str, torch.Tensor], objective: DiffusionOb
         batch = pad_rows(batch, multiple=sequence_shard.size * objective.block_size)
     selector, targets = objective.supervised(batch)
     mask_rate = batch["mask_rate"]
+    noise_kind = batch.get("noise_kind")
+    if noise_kind is None:  # a batch from elsewhere: every supervised token counts as masked
+        noise_kind = (batch["labels"] != IGNORE_INDEX).to(torch.int8)
+    kinds = at_targets(noise_kind, selector, shift=objective.shift_labels)  # [N]
     inputs = model_inputs(batch, objective, attn_implementation=attn_implementation, mask_dtype=mask_dtype,
                           selector=selector, sequence_shard=sequence_shard)
     if sequence_shard is not None:
         # Targets sit at the positions whose logits predict them (shifted or not), so they slice like positions.
         target_at = torch.full_like(batch["labels"], IGNORE_INDEX)
         target_at[selector] = targets
+        kind_at = torch.zeros_like(noise_kind)
+        kind_at[selector] = kinds
         selector, mask_rate = sequence_shard.piece(selector), sequence_shard.piece(mask_rate)
-        targets = sequence_shard.piece(target_at)[selector]
+        targets, kinds = sequence_shard.piece(target_at)[selector], sequence_shard.piece(kind_at)[selector]
         if sequence_shard.rank != 0:
             num_row_tokens, replica = 0, {key: torch.zeros_like(value) for key, value in replica.items()}
     logits = model(**inputs).logits  # [N, V] (this rank's N under sequence parallel)
-    weights = loss_weights(mask_rate[selector], objective.loss_weighting)
+    weights = stream_weights(mask_rate[selector], kinds, objective.loss_weighting,
+                             keep_weight=objective.edit_keep_weight)
     loss = diffusion_loss(
         logits,
         targets,
@@ -119,6 +134,8 @@ def diffusion_step(model, batch: dict[str, torch.Tensor], objective: DiffusionOb
         num_items=num_items,
         confidence_beta=objective.confidence_beta,
         chunk_size=objective.loss_chunk_size,
+        groups=kinds if objective.edit_streams else None,
+        num_groups=NUM_NOISE_KINDS,
     )
     return StepOutput(loss=loss, num_model_tokens=inputs["input_ids"].numel(), num_row_tokens=num_row_tokens,
                       **replica)

@@ -5,6 +5,8 @@ Logged (prefix `train_` is added by the caller only where Trainer expects it):
   (before `confidence_beta`); `masked_token_accuracy`; `mean_mask_rate` (mean t over documents);
 - `model_tokens_per_second`: every token the model processed (B x 2L in block diffusion, padding included),
   `real_tokens_per_second`: document tokens, each counted once; `padding_fraction` of the rows.
+- draft-and-edit training only (`streams=True`): `m2t_loss` / `t2t_loss` / `keep_loss`, the cross-entropy per
+  masked / edited / kept supervised token, `edit_accuracy` (edited tokens put back right) and `keep_accuracy`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import torch
 
 from .forward import StepOutput
 
+STREAMS = ("m2t", "t2t", "keep")  # noise kinds 1, 2, 3 (collators.py)
+STREAM_METRICS = (*(f"{stream}_loss" for stream in STREAMS), "edit_accuracy", "keep_accuracy")
 KEYS = ("supervised", "ce_sum", "cap_sum", "correct", "model_tokens", "row_tokens", "real_tokens",
-        "mask_rate_sum", "documents")
+        "mask_rate_sum", "documents",
+        *(f"{stream}_{what}" for stream in STREAMS for what in ("ce_sum", "correct", "tokens")))
 
 
 class MetricWindow:
-    def __init__(self):
+    def __init__(self, *, streams: bool = False):
+        self.streams = streams
         self.reset()
 
     def reset(self) -> None:
@@ -42,6 +48,11 @@ class MetricWindow:
             "mask_rate_sum": step.mask_rate_sum.detach(),
             "documents": step.num_documents,
         }
+        if loss.group_ce_sum is not None:
+            for kind, stream in enumerate(STREAMS, start=1):
+                values[f"{stream}_ce_sum"] = loss.group_ce_sum[kind]
+                values[f"{stream}_correct"] = loss.group_correct[kind]
+                values[f"{stream}_tokens"] = loss.group_tokens[kind]
         for key, value in values.items():
             self.sums[key] = self.sums[key] + value
         self.num_steps += 1
@@ -56,7 +67,13 @@ class MetricWindow:
             stacked = reduce_sum(stacked)
         s = dict(zip(KEYS, stacked.tolist()))
         supervised = max(s["supervised"], 1.0)
-        return {
+        streams = {}
+        if self.streams:
+            for stream in STREAMS:
+                streams[f"{stream}_loss"] = s[f"{stream}_ce_sum"] / max(s[f"{stream}_tokens"], 1.0)
+            streams["edit_accuracy"] = s["t2t_correct"] / max(s["t2t_tokens"], 1.0)
+            streams["keep_accuracy"] = s["keep_correct"] / max(s["keep_tokens"], 1.0)
+        return {**streams,
             "ce_loss": s["ce_sum"] / supervised,
             "cap_loss": s["cap_sum"] / supervised,
             "masked_token_accuracy": s["correct"] / supervised,

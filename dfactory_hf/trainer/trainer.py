@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
-from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
+from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator, edit_token_ids
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
 from ..diffusion.masks import ATTN_IMPLEMENTATIONS
@@ -36,7 +36,7 @@ from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
 from .forward import DiffusionObjective, diffusion_step
 from .lora import apply_lora, base_model, checkpoint_key, initial_adapter_value
-from .metrics import MetricWindow
+from .metrics import STREAM_METRICS, MetricWindow
 from .router import RouterLoad
 
 
@@ -92,17 +92,20 @@ class DiffusionTrainer(Trainer):
             raise ValueError("complementary_masking=True cannot apply to a dataset that brings its own "
                              "noisy_input_ids; set complementary_masking=False.")
 
+        edits = dict(edit_token_ids=edit_token_ids(tokenizer, vocab_size=model.config.vocab_size)
+                     if args.edit_noise_rate > 0 else None)
         if data_collator is None:
-            data_collator = build_collator(args, mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id)
+            data_collator = build_collator(args, mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id,
+                                           **edits)
         self._eval_collator = build_collator(args, mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id,
-                                             seed=args.seed + 1)
+                                             seed=args.seed + 1, **edits)
         if args.use_peft or peft_config is not None:
             model = apply_lora(model, args, peft_config)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.objective = DiffusionObjective.from_args(self.args)
-        self._train_window = MetricWindow()
+        self._train_window = MetricWindow(streams=self.objective.edit_streams)
         self._eval_window: MetricWindow | None = None
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
         self._eval_batch_sampler: ReplicaEvalBatchSampler | None = None
@@ -397,7 +400,7 @@ class DiffusionTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval") -> EvalLoopOutput:
-        self._eval_window, self._eval_batch_index = MetricWindow(), 0
+        self._eval_window, self._eval_batch_index = MetricWindow(streams=self.objective.edit_streams), 0
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
@@ -409,6 +412,9 @@ class DiffusionTrainer(Trainer):
         metrics[f"{metric_key_prefix}_loss"] = summary["ce_loss"]
         metrics[f"{metric_key_prefix}_masked_token_accuracy"] = summary["masked_token_accuracy"]
         metrics[f"{metric_key_prefix}_supervised_tokens"] = summary["supervised_tokens"]
+        for key in STREAM_METRICS:
+            if key in summary:
+                metrics[f"{metric_key_prefix}_{key}"] = summary[key]
         if self.args.eval_mask_rates:
             metrics.update(evaluate_elbo(self, dataloader.dataset, prefix=metric_key_prefix))
         if self.args.eval_generation_samples > 0:
@@ -483,8 +489,12 @@ def resolve_mask_token_id(args: DiffusionTrainingArguments, tokenizer) -> int:
     return mask_token_id
 
 
-def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_token_id: int, seed: int | None = None):
+def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_token_id: int, seed: int | None = None,
+                   edit_token_ids: tuple[int, ...] | None = None):
     common = dict(
+        edit_noise_rate=args.edit_noise_rate,
+        edit_token_ids=edit_token_ids,
+        supervise_kept=args.edit_keep_weight > 0,
         mask_token_id=mask_token_id,
         pad_token_id=pad_token_id,
         block_size=args.block_size,

@@ -93,3 +93,16 @@ def test_sp4_beyond_the_kv_head_count_trains_like_one_process(runs):
     reference = runs("single-packed-False-ga2", launcher="plain", grad_accum=2, layout="packed",
                      full_attention=False, evaluate=True)
     assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
+
+
+def test_sp2_with_draft_and_edit_noise_and_shifted_labels_trains_like_one_process(runs):
+    # The noise kinds (masked, edited, kept) slice with the targets they weigh, shifted labels included.
+    spec = dict(grad_accum=2, layout="packed", edit_noise_rate=0.2, edit_keep_weight=0.5, shift_labels=True,
+                evaluate=True)
+    parallel = runs("sp2-edits", launcher="accelerate", ranks=2, sp_size=2, **spec)
+    assert_sequence_parallel_engaged(parallel, ranks=2, sp=2, full_attention=False)
+    reference = runs("single-edits-ga2", launcher="plain", **spec)
+    assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
+    for key in ("eval_loss", "eval_m2t_loss", "eval_t2t_loss", "eval_keep_loss", "eval_edit_accuracy"):
+        assert parallel["eval_metrics"][key] == pytest.approx(reference["eval_metrics"][key], rel=1e-5), key
+    assert reference["eval_metrics"]["eval_t2t_loss"] > 0

@@ -58,6 +58,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--full_attention", action="store_true", help="MDLM mode (x_t alone) instead of blocks")
     parser.add_argument("--model_path", default=None, help="from_pretrained this checkpoint (default: demo_model)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate() after training (loss, accuracy, ELBO)")
+    parser.add_argument("--edit_noise_rate", type=float, default=0.0, help="draft-and-edit training")
+    parser.add_argument("--edit_keep_weight", type=float, default=0.0)
+    parser.add_argument("--shift_labels", action="store_true", help="next-token labels (same_token_labels=False)")
     parser.add_argument("--lora_target_modules", default=None,
                         help="comma-separated: train LoRA adapters on these modules (--use_peft)")
     parser.add_argument("--lora_target_parameters", default=None, help="comma-separated, with --lora_target_modules")
@@ -82,6 +85,8 @@ def main() -> None:
         logging_steps=1, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
         dp_replicate_size=args.dp_replicate_size, sp_size=args.sp_size, ep_size=args.ep_size,
         router_bias_update_rate=args.router_bias_update_rate, **lora,
+        edit_noise_rate=args.edit_noise_rate, edit_keep_weight=args.edit_keep_weight,
+        same_token_labels=not args.shift_labels,
         block_diffusion_mode=not args.full_attention, eval_mask_rates=[0.3, 0.7] if args.evaluate else [],
         per_device_eval_batch_size=4, **saving, **distributed, **layout)
     if args.model_path:
