@@ -101,3 +101,19 @@ def test_editing_benchmark_runs_in_its_quick_configuration(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| mask-only") or
             line.startswith("| draft-and-edit")]
     assert len(rows) == 2 * 2 * 2, result.stdout[-2000:]  # trainings x thresholds x (no edit, edit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["gpu_throughput.py", "--tiny"], ["memory_vocab.py", "--quick", "--lengths", "128"]],
+                         ids=["gpu_throughput", "memory_vocab"])
+def test_benchmark_runs_in_its_smoke_configuration(tmp_path, command):
+    import os
+    import subprocess
+
+    extra = ["--out_dir", str(tmp_path)] if command[0] == "memory_vocab.py" else []
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / command[0]), *command[1:], *extra],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table) >= 2, result.stdout[-2000:]

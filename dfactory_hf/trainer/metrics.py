@@ -5,6 +5,8 @@ Logged (prefix `train_` is added by the caller only where Trainer expects it):
   (before `confidence_beta`); `masked_token_accuracy`; `mean_mask_rate` (mean t over documents);
 - `model_tokens_per_second`: every token the model processed (B x 2L in block diffusion, padding included),
   `real_tokens_per_second`: document tokens, each counted once; `padding_fraction` of the rows.
+- `tflops_per_device`: useful training FLOPs (flops.py: 2L positions, active experts, allowed attention pairs,
+  supervised logits) per second and device; `mfu` against the device's bf16 peak when it is known (not on CPU);
 - draft-and-edit training only (`streams=True`): `m2t_loss` / `t2t_loss` / `keep_loss`, the cross-entropy per
   masked / edited / kept supervised token, `edit_accuracy` (edited tokens put back right) and `keep_accuracy`.
 """
@@ -21,7 +23,7 @@ from .forward import StepOutput
 STREAMS = ("m2t", "t2t", "keep")  # noise kinds 1, 2, 3 (collators.py)
 STREAM_METRICS = (*(f"{stream}_loss" for stream in STREAMS), "edit_accuracy", "keep_accuracy")
 KEYS = ("supervised", "ce_sum", "cap_sum", "correct", "model_tokens", "row_tokens", "real_tokens",
-        "mask_rate_sum", "documents",
+        "mask_rate_sum", "documents", "flops",
         *(f"{stream}_{what}" for stream in STREAMS for what in ("ce_sum", "correct", "tokens")))
 
 
@@ -57,10 +59,15 @@ class MetricWindow:
             self.sums[key] = self.sums[key] + value
         self.num_steps += 1
 
+    def add_flops(self, flops: float) -> None:
+        self.sums["flops"] = self.sums["flops"] + flops
+
     def summary(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                device: torch.device | str = "cpu") -> dict[str, float]:
+                device: torch.device | str = "cpu", *, num_devices: int = 1,
+                peak_flops: float | None = None) -> dict[str, float]:
         """Derived metrics; `reduce_sum` sums a 1-D tensor over EVERY rank (all ranks must call it together): the
-        sums are per-rank partials under sequence parallel, and per-replica counts come from sp rank 0 only."""
+        sums are per-rank partials under sequence parallel, and per-replica counts come from sp rank 0 only.
+        `num_devices` and `peak_flops` (FLOP/s of one device) turn the summed FLOPs into per-device rates."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         stacked = torch.stack([torch.as_tensor(self.sums[key], dtype=torch.float64, device=device) for key in KEYS])
         if reduce_sum is not None:
@@ -73,6 +80,11 @@ class MetricWindow:
                 streams[f"{stream}_loss"] = s[f"{stream}_ce_sum"] / max(s[f"{stream}_tokens"], 1.0)
             streams["edit_accuracy"] = s["t2t_correct"] / max(s["t2t_tokens"], 1.0)
             streams["keep_accuracy"] = s["keep_correct"] / max(s["keep_tokens"], 1.0)
+        if s["flops"] > 0:
+            per_device = s["flops"] / num_devices / elapsed
+            streams["tflops_per_device"] = per_device / 1e12
+            if peak_flops:
+                streams["mfu"] = per_device / peak_flops
         return {**streams,
             "ce_loss": s["ce_sum"] / supervised,
             "cap_loss": s["cap_sum"] / supervised,

@@ -34,9 +34,11 @@ from ..parallel.ulysses import apply_sequence_parallel, base_backend
 from .checkpoints import mark_complete, resolve_resume_checkpoint, rotate, unmark
 from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
+from .flops import batch_training_flops, peak_bf16_flops
 from .forward import DiffusionObjective, diffusion_step
 from .lora import apply_lora, base_model, checkpoint_key, initial_adapter_value
 from .metrics import STREAM_METRICS, MetricWindow
+from .precision import use_autocast_experts
 from .router import RouterLoad
 
 
@@ -63,6 +65,8 @@ class DiffusionTrainer(Trainer):
         self.mask_token_id = resolve_mask_token_id(args, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         _check_attention_backend(model, args, training=train_dataset is not None)
+        if args.bf16:
+            use_autocast_experts(model)  # routed experts in bf16 under autocast too (precision.py)
         # One ParallelState for the run, before any data work: every rank, size and reduction goes through it.
         self.parallel_state = ParallelState.from_args(
             args, world_size=args.world_size, num_experts=getattr(getattr(model, "config", None), "num_experts", None),
@@ -354,6 +358,18 @@ class DiffusionTrainer(Trainer):
             count = self.parallel_state.sum_over_data(count)  # one count per data replica
         return count
 
+    def floating_point_ops(self, inputs) -> float:
+        # Trainer's default counts 6 x every parameter x the L input ids: ours counts the 2L positions the model
+        # runs, the active experts only, the allowed attention pairs and the supervised logits (flops.py), for
+        # this rank (the sp ranks of a replica share its step). Logged as total_flos, tflops_per_device and mfu.
+        config = self.accelerator.unwrap_model(self.model).config
+        flops = batch_training_flops(config, inputs, block_size=self.args.block_size,
+                                     block_diffusion=self.args.block_diffusion_mode,
+                                     num_logits=int(self.objective.supervised(inputs)[0].sum()))
+        flops /= self.parallel_state.sp_size
+        self._train_window.add_flops(flops)
+        return flops
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The diffusion objective: [x_t ; x_0] through the model with the block-diffusion mask, cross-entropy
         # at the supervised x_t positions only.
@@ -424,7 +440,9 @@ class DiffusionTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Add the diffusion metrics of the steps since the last log; every rank reaches this together.
         if "loss" in logs and self._train_window.num_steps > 0:
-            summary = self._train_window.summary(self._reduce_sum, device=self.args.device)
+            summary = self._train_window.summary(self._reduce_sum, device=self.args.device,
+                                                 num_devices=self.args.world_size,
+                                                 peak_flops=peak_bf16_flops(self.args.device))
             logs.update({key: round(value, 6) for key, value in summary.items()})
             logs.update(self.router_load.summary())
             self._train_window.reset()
