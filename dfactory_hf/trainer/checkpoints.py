@@ -141,6 +141,28 @@ def save_failure_message(checkpoint_dir: str, previous: str | None) -> str:
             "larger disk, then rerun with --resume_from_checkpoint last.")
 
 
+def check_resume_path(path: str) -> None:
+    """A `--resume_from_checkpoint` path must be a complete checkpoint directory (checked at argument parsing too,
+    before any data work)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--resume_from_checkpoint ({path}) is not a directory; pass a checkpoint-N directory "
+                         "or `last`.")
+    if not os.listdir(path):
+        raise ValueError(f"--resume_from_checkpoint ({path}) is an empty directory; pass a checkpoint-N directory "
+                         "written by DiffusionTrainer, or `last`.")
+    if read_marker(path) is not None:
+        return
+    inside = newest_complete_checkpoint(path)
+    if inside is not None:
+        raise ValueError(f"--resume_from_checkpoint ({path}) is a run directory, not a checkpoint; pass one of its "
+                         f"checkpoints (the newest complete one is {inside}), or `last` with --output_dir {path}.")
+    newest = newest_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
+    fix = (f"resume from the newest complete one ({newest}) or pass `last`" if newest is not None else
+           "there is no complete checkpoint next to it; pass a checkpoint-N directory written by DiffusionTrainer")
+    raise ValueError(f"--resume_from_checkpoint ({path}) is incomplete (no {COMPLETE_MARKER}: its save was "
+                     f"interrupted, or it was not written by DiffusionTrainer); {fix}.")
+
+
 def resolve_resume_checkpoint(value: str | bool | None, *, output_dir: str, layout: dict,
                               shapes: dict[str, list[int]] | None = None) -> str | None:
     """`--resume_from_checkpoint` -> a complete checkpoint directory (or None: start fresh).
@@ -159,23 +181,8 @@ def resolve_resume_checkpoint(value: str | bool | None, *, output_dir: str, layo
         path = found
     else:
         path = str(value)
-        if not os.path.isdir(path):
-            raise ValueError(f"--resume_from_checkpoint ({path}) is not a directory; pass a checkpoint-N directory "
-                             "or `last`.")
-        if not os.listdir(path):
-            raise ValueError(f"--resume_from_checkpoint ({path}) is an empty directory; pass a checkpoint-N "
-                             "directory written by this trainer, or `last`.")
-        inside = newest_complete_checkpoint(path)
-        if read_marker(path) is None and inside is not None:
-            raise ValueError(f"--resume_from_checkpoint ({path}) is a run directory, not a checkpoint; pass one of "
-                             f"its checkpoints (the newest complete one is {inside}), or `last` with --output_dir "
-                             f"{path}.")
+        check_resume_path(path)
     marker = read_marker(path)
-    if marker is None:
-        newest = newest_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
-        raise ValueError(f"--resume_from_checkpoint ({path}) is incomplete (no {COMPLETE_MARKER}: its save was "
-                         f"interrupted, or it was not written by DiffusionTrainer); resume from the newest complete "
-                         f"one ({newest}) or pass `last`.")
     if marker.get("dp_size") != layout["dp_size"]:
         raise ValueError(
             f"--resume_from_checkpoint ({path}) was written with {marker.get('dp_size')} data-parallel replicas "

@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 from ..diffusion.loss import LOSS_WEIGHTING_MODES
 from ..diffusion.noise import validate_noise_range
 from ..parallel.state import ParallelSizes
+from .checkpoints import check_resume_path
 
 OVERLONG_POLICIES = ("skip", "truncate")
 
@@ -267,10 +268,10 @@ class DiffusionTrainingArguments(TrainingArguments):
                              "it would train nothing; use 1 or more, or set --max_steps.")
         resume = self.resume_from_checkpoint
         if isinstance(resume, str) and resume not in ("last", "true", "True", "false", "False", ""):
-            if not os.path.isdir(resume):
-                kind = "is a file, not a directory" if os.path.exists(resume) else "does not exist"
-                raise ValueError(f"--resume_from_checkpoint ({resume}) {kind}; pass a checkpoint-N directory "
+            if not os.path.exists(resume):
+                raise ValueError(f"--resume_from_checkpoint ({resume}) does not exist; pass a checkpoint-N directory "
                                  "written by this trainer, or `last` for the newest complete one in --output_dir.")
+            check_resume_path(resume)  # before data preparation; the layout is checked by the trainer
         if os.path.isfile(self.output_dir):
             raise ValueError(f"--output_dir ({self.output_dir}) is a file; pass a directory (created if missing).")
 

@@ -33,6 +33,7 @@ from ..parallel.loading import RankZeroBroadcastLoader, wants_rank0_loading
 from ..parallel.sequence import SequenceShard
 from ..parallel.state import ParallelState
 from ..parallel.ulysses import apply_sequence_parallel, base_backend
+from ..paths import check_pretrained_source, load_pretrained
 from .checkpoints import (is_disk_full, mark_complete, model_shapes, newest_complete_checkpoint,
                           resolve_resume_checkpoint, rotate, save_failure_message, unmark, write_model_shapes)
 from .config import DiffusionTrainingArguments
@@ -56,9 +57,10 @@ class DiffusionTrainer(Trainer):
         args = DiffusionTrainingArguments.from_training_arguments(args)
         if isinstance(model, str):
             model_path = model
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+            check_pretrained_source("model", model_path, "model")
+            model = load_pretrained("model", model_path, AutoModelForCausalLM.from_pretrained, dtype="auto")
             if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(model_path)
+                processing_class = load_pretrained("model", model_path, AutoTokenizer.from_pretrained)
         if model is None:
             raise ValueError("DiffusionTrainer needs a model (a PreTrainedModel or a checkpoint path).")
         if processing_class is None:

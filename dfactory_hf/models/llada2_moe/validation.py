@@ -12,6 +12,7 @@ training then goes on from random attention or router weights. These checks read
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -42,6 +43,18 @@ def refuse_incomplete_training_checkpoint(directory: Path) -> None:
 
 def readable_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """`checkpoint_shapes`, with a truncated file or a missing shard named instead of a safetensors error."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"{index} is not a safetensors index (no weight_map); save the checkpoint again."
+                             ) from error
+        missing = sorted(name for name in names if not (directory / name).is_file())
+        if missing:
+            raise ValueError(f"{directory}: the safetensors index names a shard that is missing ({missing[0]}"
+                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); the save was "
+                             "interrupted or a file was not copied. Copy the missing shards or save again.")
     try:
         return checkpoint_shapes(directory)
     except FileNotFoundError as error:
