@@ -4,6 +4,10 @@ datasets reads json / jsonl / parquet files and `save_to_disk` folders; when a f
 inside its JSON builder (an empty file raises a bare `StopIteration`, a malformed line an Arrow parse error with
 the line number buried in a long traceback). Here the file is read by datasets as usual and only when that fails
 is it read again line by line to say which line is wrong and why, so a valid file costs nothing extra.
+
+A field whose rows disagree on the type (a number in one row, a string in another; content a string here, a list
+of parts there) is refused too, naming both lines: datasets keeps such a column as JSON and decodes every value
+(the content "3" becomes the number 3), so valid rows would be dropped for a type they do not have.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset, load_from_disk
+from datasets.features import Json
 
 KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -40,7 +45,70 @@ def load_data_file(path: str | Path, *, split: str = "train", flag: str = "--dat
         if problem is None:
             raise ValueError(f"{flag} ({path}) could not be read as {kind}: {_first_line(error)}") from error
         raise ValueError(f"{flag}: {problem}") from error
+    mixed = [name for name, feature in _json_fields(data["train"].features)]
+    if kind == "json" and mixed:
+        raise ValueError(f"{flag}: {type_conflict(path, mixed[0])}")
     return data if isinstance(data, DatasetDict) else DatasetDict({split: data})
+
+
+def _json_fields(features, prefix: str = ""):
+    """(field path, feature) of every field datasets could only type as JSON (its rows disagree on the type)."""
+    items = features.items() if isinstance(features, dict) else []
+    for name, feature in items:
+        path = f"{prefix}{name}"
+        if isinstance(feature, Json):
+            yield path, feature
+        elif isinstance(feature, dict):
+            yield from _json_fields(feature, path + ".")
+        elif hasattr(feature, "feature"):  # List / Sequence
+            inner = feature.feature
+            if isinstance(inner, Json):
+                yield path + "[]", inner
+            else:
+                yield from _json_fields(inner if isinstance(inner, dict) else {}, path + "[].")
+
+
+def type_conflict(path: Path, field: str) -> str:
+    """`file:line: field is a <type> here but a <type> at line <n>; the fix`, for the first disagreeing line."""
+    first: tuple[str, int] | None = None
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        for value in _values_at(json.loads(line), field.split(".")):
+            kind = _json_type(value)
+            if kind is None:
+                continue
+            if first is None:
+                first = (kind, number)
+            elif kind != first[0]:
+                return (f"{path}:{number}: `{field}` is a {kind} here but a {first[0]} at line {first[1]}; datasets "
+                        "would convert one into the other (the string \"3\" becomes the number 3), so give it one "
+                        "type in every row")
+    return f"{path}: the rows disagree on the type of `{field}`; give it one type in every row"
+
+
+def _values_at(value, parts: list[str]):
+    if not parts:
+        yield value
+        return
+    name, rest = parts[0], parts[1:]
+    many = name.endswith("[]")
+    name = name.removesuffix("[]")
+    if not isinstance(value, dict) or value.get(name) is None:
+        return
+    inner = value[name]
+    for item in (inner if many and isinstance(inner, list) else [inner]):
+        yield from _values_at(item, rest)
+
+
+def _json_type(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}[type(value)]
 
 
 def json_problem(path: Path) -> str | None:

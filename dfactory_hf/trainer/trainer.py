@@ -463,6 +463,9 @@ class DiffusionTrainer(Trainer):
                                  "with no masked response position, so training would run at loss 0 and learn "
                                  "nothing. Mask some response tokens (noisy_input_ids = the mask token id, labels = "
                                  f"the clean token), or drop the noise columns to have it drawn.\n{report.summary()}")
+        if (not self.args.uses_token_budget and self.args.dataloader_drop_last and self.train_dataset is not None
+                and len(self.train_dataset) < self.args.per_device_train_batch_size * self.parallel_state.dp_size):
+            raise ValueError(no_step_message(self))  # Trainer would fail on the empty dataloader with its own words
         resume_from_checkpoint = resolve_resume_checkpoint(
             resume_from_checkpoint, output_dir=self.args.output_dir, layout=self._checkpoint_layout(),
             shapes=self._model_shapes)
