@@ -329,7 +329,7 @@ def test_control_token_text_in_a_plain_string_is_noted():
     documents, report = prepare_dataset(Dataset.from_list(rows), TOKENIZER, block_size=4, max_seq_len=64,
                                         mask_token_id=MASK)
     assert len(documents) == 2
-    assert "kept 1 with a note: control-token text (<|assistant|>) in a plain string" in report.summary()
+    assert "kept 1 with a note: control-token text (<|user|>) in a plain string" in report.summary()
 
 
 def test_out_of_vocabulary_rows_never_reach_the_embedding(tmp_path, steps):

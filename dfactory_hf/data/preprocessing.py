@@ -26,6 +26,7 @@ tokens, and the report notes how many rows did.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -109,7 +110,9 @@ class DocumentBuilder:
         specials = set(getattr(self.tokenizer, "all_special_tokens", []))
         specials |= {t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if t.special}
         mask_text = self.tokenizer.convert_ids_to_tokens(self.mask_token_id)
-        self.control_texts = tuple(sorted(t for t in specials if t and t != mask_text))
+        control_texts = sorted((t for t in specials if t and t != mask_text), key=lambda t: (-len(t), t))
+        # One pass over each string whatever the number of control tokens (real tokenizers have hundreds).
+        self.control_text = re.compile("|".join(map(re.escape, control_texts))) if control_texts else None
 
     def __call__(self, row: dict, index: int) -> dict:
         out = {"input_ids": [], "prompt_length": 0, "sample_index": index, "skip_reason": "", "truncated": False,
@@ -224,18 +227,18 @@ class DocumentBuilder:
             if not isinstance(message["role"], str):
                 raise SkipRow("a message's role is not a string")
             content = _content_text(message["content"])
-            found = [text for text in self.control_texts if text in content]
+            found = self.control_text.search(content) if self.control_text else None
             if found:
                 # The template would read them as real turn boundaries / EOS: the row would not mean what it says.
-                raise SkipRow(f"control-token text {found[0]} inside a message's content (it would be read as a "
-                              "control token; remove it or pre-tokenize the row)")
+                raise SkipRow(f"control-token text {found.group()} inside a message's content (it would be read as "
+                              "a control token; remove it or pre-tokenize the row)")
             checked.append({**message, "content": content})
         return checked
 
     def _plain(self, text: str) -> str:
-        found = [token for token in self.control_texts if token in text]
+        found = self.control_text.search(text) if self.control_text else None
         if found and not self._note:
-            self._note = f"control-token text ({found[0]}) in a plain string, tokenized as a control token"
+            self._note = f"control-token text ({found.group()}) in a plain string, tokenized as a control token"
         return text
 
     def _check_vocabulary(self, document: dict) -> None:
