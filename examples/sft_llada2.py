@@ -20,22 +20,26 @@ the command line override the recipe. Method: REFERENCE.md sections 1-2 (in the 
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import DatasetDict, load_dataset, load_from_disk
+from datasets import DatasetDict, load_dataset
 from transformers import AutoTokenizer
 from trl import TrlParser
 
 import dfactory_hf  # noqa: F401  (registers llada2_moe with the Auto classes)
 from dfactory_hf import DiffusionTrainer, DiffusionTrainingArguments
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset
+from dfactory_hf.data.arithmetic import TASKS, make_arithmetic_dataset
+from dfactory_hf.data.files import load_data_file
 from dfactory_hf.data.tokenizer import DEMO_TOKENIZER_PATH
-from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config
+from dfactory_hf.diffusion.masks import ATTN_IMPLEMENTATIONS
+from dfactory_hf.models.llada2_moe import SHIPPED_CONFIGS, LLaDA2MoeConfig, LLaDA2MoeForCausalLM, shipped_config
 from dfactory_hf.parallel.loading import from_pretrained_on_rank0
+from dfactory_hf.paths import check_pretrained_source, load_pretrained
 from dfactory_hf.trainer.evaluation import generate_answers
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "sft" / "tiny.yaml"
@@ -72,39 +76,88 @@ class ScriptArguments:
         default=100, metadata={"help": "Held-out problems answered by generation after training (0: none)."}
     )
 
+    def __post_init__(self):
+        # Before any data or model work: every flag of this script with its rule and fix.
+        if self.model_config not in SHIPPED_CONFIGS:
+            raise ValueError(f"--model_config ({self.model_config!r}) must be one of {', '.join(SHIPPED_CONFIGS)}; "
+                             "or pass --model_name_or_path.")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"--attn_implementation ({self.attn_implementation!r}) must be one of "
+                             f"{', '.join(ATTN_IMPLEMENTATIONS)} (sdpa on CPU).")
+        if self.arithmetic_task not in TASKS:
+            raise ValueError(f"--arithmetic_task ({self.arithmetic_task!r}) must be one of {', '.join(TASKS)}.")
+        for name, low in (("num_train_samples", 1), ("num_test_samples", 0), ("final_generation_samples", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name} ({getattr(self, name)}) must be >= {low}.")
+        self.config_overrides = parse_config_overrides(self.model_config_overrides)
+        if self.config_overrides and self.model_name_or_path:
+            raise ValueError(f"--model_config_overrides ({self.model_config_overrides}) changes the shipped config "
+                             "built from scratch; with --model_name_or_path edit the checkpoint's config.json "
+                             "instead, or drop one of the two flags.")
+        if self.dataset_path and self.dataset_name:
+            raise ValueError(f"--dataset_path ({self.dataset_path}) and --dataset_name ({self.dataset_name}) are both "
+                             "set; pass one.")
+        if self.model_name_or_path:
+            check_pretrained_source("--model_name_or_path", self.model_name_or_path, "model")
+        if self.tokenizer_name_or_path:
+            check_pretrained_source("--tokenizer_name_or_path", self.tokenizer_name_or_path, "tokenizer")
+        if self.dataset_path and not Path(self.dataset_path).exists():
+            raise ValueError(f"--dataset_path ({self.dataset_path}) does not exist; pass a .json, .jsonl or .parquet "
+                             "file, or a folder saved by Dataset.save_to_disk.")
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`--model_config_overrides` -> a dict of known LLaDA2MoeConfig fields."""
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model_config_overrides ({text}) is not valid JSON ({error.msg} at column {error.colno}); "
+                         'pass an object such as \'{"num_hidden_layers": 6}\' (double quotes, in single quotes for '
+                         "the shell).") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--model_config_overrides ({text}) must be a JSON object of config fields, e.g. "
+                         '\'{"num_hidden_layers": 6}\'.')
+    known = [name for name in LLaDA2MoeConfig().to_dict() if not name.startswith("_")]
+    for name in overrides:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see configs/*.json for the fields"
+            raise ValueError(f"--model_config_overrides: {name!r} is not a LLaDA2MoeConfig field (it would be "
+                             f"ignored); {hint}")
+    return overrides
+
 
 def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
     if script.dataset_path:
-        path = Path(script.dataset_path)
-        if path.is_dir():
-            data = load_from_disk(str(path))
-        else:
-            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-            if kind is None:
-                raise ValueError(f"--dataset_path ({path}) must be .json, .jsonl, .parquet or a save_to_disk folder.")
-            data = load_dataset(kind, data_files=str(path))
-        return data if isinstance(data, DatasetDict) else DatasetDict({script.dataset_train_split: data})
-    if script.dataset_name:
-        return load_dataset(script.dataset_name, script.dataset_config)
-    return make_arithmetic_dataset(script.num_train_samples, script.num_test_samples, seed=seed,
-                                   task=script.arithmetic_task)
+        data = load_data_file(script.dataset_path, split=script.dataset_train_split)
+    elif script.dataset_name:
+        data = load_pretrained("--dataset_name", script.dataset_name, load_dataset, name=script.dataset_config)
+    else:
+        return make_arithmetic_dataset(script.num_train_samples, script.num_test_samples, seed=seed,
+                                       task=script.arithmetic_task)
+    if script.dataset_train_split not in data:
+        raise ValueError(f"--dataset_train_split ({script.dataset_train_split}) is not a split of the data (splits: "
+                         f"{', '.join(data)}); pass one of them.")
+    return data
 
 
 def load_model_and_tokenizer(script: ScriptArguments, args: DiffusionTrainingArguments):
     tokenizer_path = script.tokenizer_name_or_path or script.model_name_or_path or DEMO_TOKENIZER_PATH
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer_flag = "--tokenizer_name_or_path" if script.tokenizer_name_or_path else "--model_name_or_path"
+    tokenizer = load_pretrained(tokenizer_flag, tokenizer_path, AutoTokenizer.from_pretrained)
     if script.model_name_or_path:
         dtype = torch.bfloat16 if args.bf16 else "auto"
         # Rank 0 reads the checkpoint, the other ranks build on the meta device and get their FSDP2 shards by
         # broadcast, when the launch config sets fsdp_cpu_ram_efficient_loading (a plain from_pretrained otherwise).
-        model = from_pretrained_on_rank0(script.model_name_or_path, args, dtype=dtype,
-                                         attn_implementation=script.attn_implementation)
+        model = load_pretrained("--model_name_or_path", script.model_name_or_path, from_pretrained_on_rank0,
+                                args=args, dtype=dtype, attn_implementation=script.attn_implementation)
     else:
         torch.manual_seed(args.seed)
-        overrides = json.loads(script.model_config_overrides) if script.model_config_overrides else {}
         config = shipped_config(script.model_config, **{"vocab_size": max(len(tokenizer), 128),
                                 "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                                **overrides})
+                                **script.config_overrides})
         config._attn_implementation = script.attn_implementation
         model = LLaDA2MoeForCausalLM(config)
     return model, tokenizer

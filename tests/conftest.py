@@ -15,3 +15,10 @@ def fresh_compiler_state():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """tests/test_bad_input.py: how many bad-input and fault cases were handled (passed)."""
+    handled = [r for r in terminalreporter.stats.get("passed", []) if "test_bad_input.py::" in r.nodeid]
+    if handled:
+        terminalreporter.write_line(f"bad input: {len(handled)} cases handled (tests/test_bad_input.py)")

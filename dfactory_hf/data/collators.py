@@ -84,7 +84,8 @@ class DiffusionCollator:
     min_masked_tokens: int = 1
     seed: int = 0
     epoch: int = 0
-    fixed_mask_rate: float | None = None  # every document masked at exactly this t (evaluation grids)
+    fixed_mask_rate: float | None = None  # every document masked at exactly this t (evaluation grids),
+    # given noise (noisy_input_ids) included
     edit_noise_rate: float = 0.0  # draft-and-edit: P(a visible response token becomes a random token)
     edit_token_ids: tuple[int, ...] | None = None  # distinct ids the replacements are drawn from
     supervise_kept: bool = False  # label the visible, unedited response tokens with themselves (noise_kind 3)
@@ -118,7 +119,9 @@ class DiffusionCollator:
                 f"Document {feature.get('sample_index')} has {len(x_0)} tokens, not a multiple of block_size "
                 f"({self.block_size}); build datasets with dfactory_hf.data.preprocessing.prepare_dataset."
             )
-        if feature.get("noisy_input_ids"):
+        # A fixed rate (the evaluation grid) masks every document itself: given noise would make every rate of
+        # the grid score the same noise, and the ELBO bound apply rates that were never applied.
+        if feature.get("noisy_input_ids") and self.fixed_mask_rate is None:
             x_t = torch.as_tensor(feature["noisy_input_ids"], dtype=torch.long)
             labels = torch.as_tensor(feature["labels"], dtype=torch.long)
             supervised = labels != IGNORE_INDEX

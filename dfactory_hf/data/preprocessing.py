@@ -10,14 +10,23 @@ Accepted row formats, detected from the column names:
 | text | `text` | none / the whole text |
 
 Each document is prompt + response + EOS, EOS-filled to a multiple of `block_size`. Rows with data problems
-(no assistant turn, empty content, missing keys, the mask token inside the data, a prompt that leaves no room
-for a response, an over-long document under the "skip" policy) are skipped and counted, never crash the run;
-`DataReport` says what was dropped and where the first case of each kind was.
+(no assistant turn, empty content, missing keys, a value of the wrong type, the mask token or control-token text
+inside message content, token ids outside the model's or the tokenizer's vocabulary, given noise that supervises
+nothing, a prompt that leaves no room for a response, an over-long document under the "skip" policy) are skipped
+and counted, never crash the run; `DataReport` says what was dropped and where the first case of each kind was.
+Each row is checked once, here: the collators and the model then only see ids they can embed. A dataset with no
+usable row is refused with the report.
+
+Message `content` may be a string or a list of text parts (`[{"type": "text", "text": ...}]`, the OpenAI
+format), joined into one string; a part of another type skips the row. Plain-string formats (text, string
+prompt-completion) may carry control-token text on purpose (a pre-rendered prompt): it is tokenized as control
+tokens, and the report notes how many rows did.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -33,6 +42,10 @@ FORMATS = {
 }
 
 
+UNSUPERVISED = ("the given noise supervises no position (labels all -100: no mask token in the response of "
+                "noisy_input_ids)")
+
+
 class SkipRow(Exception):
     """A data problem in one row: the row is skipped and counted under `reason`."""
 
@@ -45,6 +58,8 @@ class DataReport:
     num_truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
     first_row_of: dict[str, int] = field(default_factory=dict)
+    noted: Counter = field(default_factory=Counter)  # kept rows the user should know about
+    first_row_of_note: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"[dfactory_hf] {self.split} data: {self.num_documents} documents from {self.num_rows} rows"]
@@ -52,11 +67,18 @@ class DataReport:
             lines.append(f"  truncated to max_seq_len: {self.num_truncated}")
         for reason, count in self.skipped.most_common():
             lines.append(f"  skipped {count}: {reason} (first at row {self.first_row_of[reason]})")
+        for note, count in self.noted.most_common():
+            lines.append(f"  kept {count} with a note: {note} (first at row {self.first_row_of_note[note]})")
         return "\n".join(lines)
+
+    @property
+    def supervises_nothing(self) -> bool:
+        return self.num_documents > 0 and self.noted.get(UNSUPERVISED, 0) == self.num_documents
 
     def to_dict(self) -> dict:
         return {"split": self.split, "num_rows": self.num_rows, "num_documents": self.num_documents,
-                "num_truncated": self.num_truncated, "skipped": dict(self.skipped), "first_row_of": self.first_row_of}
+                "num_truncated": self.num_truncated, "skipped": dict(self.skipped), "first_row_of": self.first_row_of,
+                "noted": dict(self.noted), "first_row_of_note": self.first_row_of_note}
 
 
 def detect_format(column_names) -> str:
@@ -80,14 +102,28 @@ class DocumentBuilder:
     eos_token_id: int
     overlong_policy: str = "skip"
     row_format: str = "chat"
+    model_vocab_size: int | None = None  # ids must embed: [0, model_vocab_size)
+    tokenizer_vocab_size: int | None = None  # and decode: [0, len(tokenizer))
+
+    def __post_init__(self):
+        # Control tokens other than the mask token (which has its own reason, checked on the ids).
+        specials = set(getattr(self.tokenizer, "all_special_tokens", []))
+        specials |= {t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        mask_text = self.tokenizer.convert_ids_to_tokens(self.mask_token_id)
+        control_texts = sorted((t for t in specials if t and t != mask_text), key=lambda t: (-len(t), t))
+        # One pass over each string whatever the number of control tokens (real tokenizers have hundreds).
+        self.control_text = re.compile("|".join(map(re.escape, control_texts))) if control_texts else None
 
     def __call__(self, row: dict, index: int) -> dict:
         out = {"input_ids": [], "prompt_length": 0, "sample_index": index, "skip_reason": "", "truncated": False,
-               "noisy_input_ids": [], "labels": []}
+               "noisy_input_ids": [], "labels": [], "note": ""}
+        self._note = ""
         try:
             out.update(self.build(row))
+            self._check_vocabulary(out)
         except SkipRow as problem:
-            out["skip_reason"] = str(problem)
+            out.update(input_ids=[], noisy_input_ids=[], labels=[], prompt_length=0, skip_reason=str(problem))
+        out["note"] = self._note
         out["num_tokens"] = len(out["input_ids"])
         return out
 
@@ -99,7 +135,7 @@ class DocumentBuilder:
         elif self.row_format == "prompt-completion":
             prompt_ids, response_ids = self._prompt_completion(row.get("prompt"), row.get("completion"))
         else:
-            prompt_ids, response_ids = [], self._encode(_require_text(row.get("text"), "text"))
+            prompt_ids, response_ids = [], self._encode(self._plain(_require_text(row.get("text"), "text")))
         return self._document(prompt_ids, response_ids)
 
     # --- formats ---------------------------------------------------------------------------------------------
@@ -107,7 +143,7 @@ class DocumentBuilder:
     def _chat(self, messages) -> tuple[list[int], list[int]]:
         if not isinstance(messages, list) or not messages:
             raise SkipRow("messages is not a non-empty list")
-        _require_messages(messages)
+        messages = self._messages(messages)
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not assistant_turns:
             raise SkipRow("conversation has no assistant turn")
@@ -120,9 +156,10 @@ class DocumentBuilder:
         if isinstance(prompt, list) or isinstance(completion, list):
             if not isinstance(prompt, list) or not isinstance(completion, list) or not prompt or not completion:
                 raise SkipRow("conversational prompt/completion must both be non-empty message lists")
-            _require_messages(prompt + completion)
-            return self._templated(prompt, completion)
-        return self._encode(_require_text(prompt, "prompt")), self._encode(_require_text(completion, "completion"))
+            messages = self._messages(prompt + completion)
+            return self._templated(messages[:len(prompt)], messages[len(prompt):])
+        prompt, completion = _require_text(prompt, "prompt"), _require_text(completion, "completion")
+        return self._encode(self._plain(prompt)), self._encode(self._plain(completion))
 
     def _templated(self, prompt_messages: list, response_messages: list) -> tuple[list[int], list[int]]:
         for message in response_messages:
@@ -140,20 +177,28 @@ class DocumentBuilder:
         return self._encode(prompt_text), self._encode(response_text)
 
     def _pre_tokenized(self, row: dict) -> dict:
-        input_ids, prompt_length = list(row["input_ids"]), row["prompt_length"]
-        if not input_ids or not isinstance(prompt_length, int) or not 0 <= prompt_length < len(input_ids):
+        input_ids, prompt_length = _integers(row["input_ids"], "input_ids"), row["prompt_length"]
+        if not isinstance(prompt_length, bool) and isinstance(prompt_length, float) and prompt_length.is_integer():
+            prompt_length = int(prompt_length)  # a column datasets inferred as float from a few rows
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int):
+            raise SkipRow("prompt_length is not an integer")
+        if not input_ids or not 0 <= prompt_length < len(input_ids):
             raise SkipRow("prompt_length is not in [0, len(input_ids))")
         noisy = row.get("noisy_input_ids")
         if noisy is None:
             response = input_ids[prompt_length:]
             return self._document(input_ids[:prompt_length], response)
         # The path-distillation format: noise given, used as is (no EOS appended), only block-filled.
-        noisy = list(noisy)
+        noisy = _integers(noisy, "noisy_input_ids")
         labels = row.get("labels")
-        labels = list(labels) if labels is not None else [
+        labels = _integers(labels, "labels") if labels is not None else [
             clean if noisy_id == self.mask_token_id else IGNORE_INDEX for clean, noisy_id in zip(input_ids, noisy)]
         if len(noisy) != len(input_ids) or len(labels) != len(input_ids):
             raise SkipRow("noisy_input_ids or labels differ in length from input_ids")
+        if all(label == IGNORE_INDEX for label in labels[prompt_length:]):
+            # Kept (a batch of them is a valid, empty micro-batch) but counted: the trainer refuses a train split
+            # where every document is like this, which would train at loss 0 without a word.
+            self._note = UNSUPERVISED
         if self.mask_token_id in input_ids:
             raise SkipRow("the mask token appears inside input_ids")
         truncated = False
@@ -172,6 +217,46 @@ class DocumentBuilder:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _messages(self, messages: list) -> list[dict]:
+        """Checked copies: role a string, content a string (text parts joined)."""
+        checked = []
+        for message in messages:
+            # Dataset.from_list / Arrow give every message all keys of the column's struct, a missing one as None.
+            if not isinstance(message, dict) or message.get("role") is None or message.get("content") is None:
+                raise SkipRow("a message lacks the role or content key")
+            if not isinstance(message["role"], str):
+                raise SkipRow("a message's role is not a string")
+            content = _content_text(message["content"])
+            found = self.control_text.search(content) if self.control_text else None
+            if found:
+                # The template would read them as real turn boundaries / EOS: the row would not mean what it says.
+                raise SkipRow(f"control-token text {found.group()} inside a message's content (it would be read as "
+                              "a control token; remove it or pre-tokenize the row)")
+            checked.append({**message, "content": content})
+        return checked
+
+    def _plain(self, text: str) -> str:
+        found = self.control_text.search(text) if self.control_text else None
+        if found and not self._note:
+            self._note = f"control-token text ({found.group()}) in a plain string, tokenized as a control token"
+        return text
+
+    def _check_vocabulary(self, document: dict) -> None:
+        """Every id of the document can be embedded by the model and decoded by the tokenizer."""
+        for name in ("input_ids", "noisy_input_ids", "labels"):
+            ids = [i for i in document.get(name) or [] if not (name == "labels" and i == IGNORE_INDEX)]
+            if not ids:
+                continue
+            low, high = min(ids), max(ids)
+            if low < 0:
+                raise SkipRow(f"negative token id in {name}")
+            if self.model_vocab_size is not None and high >= self.model_vocab_size:
+                raise SkipRow(f"token id outside the model's vocabulary (vocab_size {self.model_vocab_size}) "
+                              f"in {name}")
+            if self.tokenizer_vocab_size is not None and high >= self.tokenizer_vocab_size:
+                raise SkipRow(f"token id outside the tokenizer's vocabulary (size {self.tokenizer_vocab_size}) in "
+                              f"{name}: pre-tokenized with another tokenizer?")
+
     def _document(self, prompt_ids: list[int], response_ids: list[int]) -> dict:
         if self.mask_token_id in prompt_ids or self.mask_token_id in response_ids:
             raise SkipRow(f"the mask token (id {self.mask_token_id}) appears inside the data")
@@ -189,11 +274,29 @@ class DocumentBuilder:
         return {"input_ids": input_ids, "prompt_length": len(prompt_ids), "truncated": truncated}
 
 
-def _require_messages(messages: list) -> None:
-    # Dataset.from_list / Arrow give every message all keys of the column's struct, a missing one as None.
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") is None or message.get("content") is None:
-            raise SkipRow("a message lacks the role or content key")
+def _content_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        if all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+               for part in content):
+            return "".join(part["text"] for part in content)
+        raise SkipRow("a message's content has a part that is not text ({'type': 'text', 'text': ...})")
+    raise SkipRow("a message's content is not a string or a list of text parts")
+
+
+def _integers(values, name: str) -> list[int]:
+    """Token ids as ints; integral floats pass (datasets infers a float column from a few rows)."""
+    if not isinstance(values, (list, tuple)):
+        raise SkipRow(f"{name} is not a list of token ids")
+    out = []
+    for value in values:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SkipRow(f"{name} holds a value that is not an integer token id")
+        out.append(value)
+    return out
 
 
 def _require_text(value, name: str) -> str:
@@ -209,9 +312,11 @@ def is_prepared(dataset: Dataset) -> bool:
 
 
 def prepare_dataset(dataset: Dataset, tokenizer, *, block_size: int, max_seq_len: int, mask_token_id: int,
-                    overlong_policy: str = "skip", num_proc: int | None = None,
-                    split: str = "train") -> tuple[Dataset, DataReport]:
-    """Tokenize and build documents; returns the kept documents and the report of what was dropped."""
+                    overlong_policy: str = "skip", num_proc: int | None = None, split: str = "train",
+                    model_vocab_size: int | None = None) -> tuple[Dataset, DataReport]:
+    """Tokenize and build documents; returns the kept documents and the report of what was dropped.
+
+    `model_vocab_size`: rows with ids the model cannot embed are skipped (the embedding would fail mid-run)."""
     if is_prepared(dataset):
         return dataset, DataReport(split, len(dataset), len(dataset))
     if len(dataset) == 0:
@@ -223,23 +328,26 @@ def prepare_dataset(dataset: Dataset, tokenizer, *, block_size: int, max_seq_len
     if eos_token_id is None:
         raise ValueError("The tokenizer has no eos_token; set tokenizer.eos_token (responses end with EOS).")
     builder = DocumentBuilder(tokenizer, block_size, max_seq_len, mask_token_id, eos_token_id, overlong_policy,
-                              row_format)
+                              row_format, model_vocab_size=model_vocab_size, tokenizer_vocab_size=len(tokenizer))
     keep = [c for c in ("answer",) if c in dataset.column_names]
     drop = [c for c in dataset.column_names if c not in keep]
     built = dataset.map(builder, with_indices=True, remove_columns=drop, num_proc=num_proc,
                         desc=f"Building {split} documents")
     reasons = built["skip_reason"]
     report = DataReport(split, num_rows=len(dataset))
-    for row, reason in enumerate(reasons):
+    for row, (reason, note) in enumerate(zip(reasons, built["note"])):
         if reason:
             report.skipped[reason] += 1
             report.first_row_of.setdefault(reason, row)
+        elif note:
+            report.noted[note] += 1
+            report.first_row_of_note.setdefault(note, row)
     kept = built.filter(lambda reason: not reason, input_columns="skip_reason")
     report.num_documents = len(kept)
     report.num_truncated = sum(kept["truncated"])
     if report.num_documents == 0:
         raise ValueError(f"No usable rows in the {split} dataset.\n{report.summary()}")
-    extra = ["skip_reason", "truncated"]
+    extra = ["skip_reason", "truncated", "note"]
     if row_format != "pre-tokenized" or "noisy_input_ids" not in dataset.column_names:
         extra += ["noisy_input_ids", "labels"]
     return kept.remove_columns(extra), report

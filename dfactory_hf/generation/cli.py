@@ -66,17 +66,20 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import dfactory_hf  # noqa: F401  (registers llada2_moe with the Auto classes)
 
+    from ..paths import check_pretrained_source, load_pretrained
     from .sampler import generate
 
-    tokenizer_path = args.tokenizer or args.model
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    check_pretrained_source("--model", args.model, "model")
+    tokenizer_path, tokenizer_flag = (args.tokenizer, "--tokenizer") if args.tokenizer else (args.model, "--model")
+    check_pretrained_source(tokenizer_flag, tokenizer_path, "tokenizer")
+    tokenizer = load_pretrained(tokenizer_flag, tokenizer_path, AutoTokenizer.from_pretrained)
     if tokenizer.mask_token_id is None:
         raise ValueError(
             f"the tokenizer at {tokenizer_path} has no mask token, which block diffusion needs; "
             "pass --tokenizer with a diffusion tokenizer (one that sets mask_token)."
         )
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model = load_pretrained("--model", args.model, AutoModelForCausalLM.from_pretrained, dtype=dtype)
     generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
 
     prompt_ids = build_prompt_ids(tokenizer, args.prompt, args.system)

@@ -18,8 +18,52 @@ from transformers import TrainingArguments
 from ..diffusion.loss import LOSS_WEIGHTING_MODES
 from ..diffusion.noise import validate_edit_noise_rate, validate_noise_range
 from ..parallel.state import ParallelSizes
+from .checkpoints import check_resume_path
 
 OVERLONG_POLICIES = ("skip", "truncate")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+SEED_RANGE = 2**32  # numpy's seed range: transformers' set_seed seeds numpy too
+
+# Ranges of the numeric `TrainingArguments` flags that reach the diffusion run: (flag, accepts(value), rule, fix).
+# Checked before anything else, so a value out of range is refused at parsing, not by torch after data preparation
+# (a batch size of 0, a negative learning rate) nor by a run that exits 0 having trained nothing (gradient
+# accumulation -1). `None` is accepted wherever the field is optional.
+TRAINING_RANGES = (
+    ("per_device_train_batch_size", lambda v: v >= 1, ">= 1", "use 1 or more (documents per device per micro-batch)"),
+    ("per_device_eval_batch_size", lambda v: v >= 1, ">= 1", "use 1 or more"),
+    ("gradient_accumulation_steps", lambda v: v >= 1, ">= 1",
+     "use 1 for no accumulation (micro-batches per optimizer step)"),
+    ("eval_accumulation_steps", lambda v: v >= 1, ">= 1", "leave it unset to keep every prediction on the device"),
+    ("learning_rate", lambda v: _finite(v) and v >= 0, "a finite number >= 0",
+     "the LLaDA2 recipe uses 1e-5, the tiny demo 3e-3"),
+    ("weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0", "use 0 to disable it (the recipe uses 0.1)"),
+    ("adam_beta1", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)", "the default is 0.9"),
+    ("adam_beta2", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)", "the default is 0.999"),
+    ("adam_epsilon", lambda v: _finite(v) and v >= 0, "a finite number >= 0", "the default is 1e-8"),
+    ("max_grad_norm", lambda v: _finite(v) and v >= 0, "a finite number >= 0", "use 0 to disable clipping (the "
+                                                                                "recipe uses 1.0)"),
+    ("num_train_epochs", _finite, "a finite number", "use 1 or more"),
+    ("warmup_steps", lambda v: _finite(v) and v >= 0, "a finite number >= 0",
+     "a count of steps, or a fraction < 1 of the planned steps (the recipe uses 0.03)"),
+    ("logging_steps", lambda v: _finite(v) and v > 0, "> 0", "a count of steps, or a fraction < 1 of the planned steps"),
+    ("save_steps", lambda v: _finite(v) and v > 0, "> 0", "a count of steps, or a fraction < 1 of the planned steps"),
+    ("eval_steps", lambda v: _finite(v) and v > 0, "> 0", "leave it unset to evaluate every --logging_steps"),
+    ("save_total_limit", lambda v: v >= 0, ">= 0", "checkpoints kept in output_dir; leave it unset to keep all"),
+    ("dataloader_num_workers", lambda v: v >= 0, ">= 0", "use 0 to load in the main process"),
+    ("dataloader_prefetch_factor", lambda v: v >= 1, ">= 1", "leave it unset for torch's default"),
+    ("seed", lambda v: 0 <= v < SEED_RANGE, f"in [0, {SEED_RANGE})", "e.g. 42"),
+    ("data_seed", lambda v: 0 <= v < SEED_RANGE, f"in [0, {SEED_RANGE})", "leave it unset to use --seed"),
+    ("label_smoothing_factor", lambda v: v == 0, "0", "the diffusion loss does not take label smoothing; remove it"),
+)
+
 
 
 @dataclass
@@ -202,9 +246,18 @@ class DiffusionTrainingArguments(TrainingArguments):
                           "--ep_size > 1."},
     )
 
+    # --- faults ---------------------------------------------------------------------------------------------
+    save_on_interrupt: bool = field(
+        default=False,
+        metadata={"help": "On SIGTERM (what schedulers send before killing a job), finish the current optimizer "
+                          "step, save a checkpoint in output_dir and exit with status 143; resume with "
+                          "--resume_from_checkpoint last."},
+    )
+
     def __post_init__(self):
         # Our collators emit columns the model's forward does not name (prompt_length, noisy_input_ids, ...).
         self.remove_unused_columns = False
+        self.validate_training_ranges()  # before TrainingArguments reads them (it divides and seeds with them)
         if not self.use_cpu and not torch.accelerator.is_available():
             # No GPU: train on the CPU. Without use_cpu a multi-process launch would leave every rank training
             # alone (accelerate's multi-process launcher does not pass a config's `use_cpu: true` on).
@@ -212,6 +265,27 @@ class DiffusionTrainingArguments(TrainingArguments):
         self.validate_parallel_fields()  # before TrainingArguments sets up the distributed state
         super().__post_init__()
         self.validate_diffusion_fields()
+
+    def validate_training_ranges(self) -> None:
+        """Every numeric `TrainingArguments` flag the run uses, against its range (TRAINING_RANGES)."""
+        for name, accepts, rule, fix in TRAINING_RANGES:
+            value = getattr(self, name)
+            if value is not None and not accepts(value):
+                raise ValueError(f"--{name} ({value!r}) must be {rule}; {fix}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps ({self.max_steps}) must be > 0, or -1 to train for --num_train_epochs.")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            # Trainer would run no step, save the untrained model and exit 0.
+            raise ValueError(f"--num_train_epochs ({self.num_train_epochs}) must be > 0 when --max_steps is not set: "
+                             "it would train nothing; use 1 or more, or set --max_steps.")
+        resume = self.resume_from_checkpoint
+        if isinstance(resume, str) and resume not in ("last", "true", "True", "false", "False", ""):
+            if not os.path.exists(resume):
+                raise ValueError(f"--resume_from_checkpoint ({resume}) does not exist; pass a checkpoint-N directory "
+                                 "written by this trainer, or `last` for the newest complete one in --output_dir.")
+            check_resume_path(resume)  # before data preparation; the layout is checked by the trainer
+        if os.path.isfile(self.output_dir):
+            raise ValueError(f"--output_dir ({self.output_dir}) is a file; pass a directory (created if missing).")
 
     def validate_diffusion_fields(self) -> None:
         if self.block_size <= 0:
@@ -223,12 +297,20 @@ class DiffusionTrainingArguments(TrainingArguments):
                 f"use {max(fix, self.block_size)}."
             )
         validate_noise_range(self.noise_range_low, self.noise_range_high)
-        if self.confidence_beta < 0:
+        if not (_finite(self.confidence_beta) and self.confidence_beta >= 0):
             raise ValueError(f"confidence_beta ({self.confidence_beta}) must be >= 0; 0 disables CAP.")
         validate_edit_noise_rate(self.edit_noise_rate)
         if not (math.isfinite(self.edit_keep_weight) and self.edit_keep_weight >= 0):
             raise ValueError(f"edit_keep_weight ({self.edit_keep_weight}) must be >= 0 (0 = kept tokens are not "
                              "supervised); e.g. 0.1.")
+        if self.mask_token_id is not None and self.mask_token_id < 0:
+            raise ValueError(f"--mask_token_id ({self.mask_token_id}) must be >= 0; leave it unset to use the "
+                             "tokenizer's mask token.")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"--dataset_num_proc ({self.dataset_num_proc}) must be >= 1; leave it unset to "
+                             "tokenize in the main process.")
+        if not (_finite(self.eval_gen_threshold) and 0 < self.eval_gen_threshold <= 1):
+            raise ValueError(f"--eval_gen_threshold ({self.eval_gen_threshold}) must be in (0, 1]; the default is 0.9.")
         if self.loss_weighting not in LOSS_WEIGHTING_MODES:
             raise ValueError(f"loss_weighting ({self.loss_weighting!r}) must be one of {LOSS_WEIGHTING_MODES}.")
         if self.overlong_document_policy not in OVERLONG_POLICIES:
@@ -283,6 +365,8 @@ class DiffusionTrainingArguments(TrainingArguments):
                              "1e-3 is a common choice.")
         if self.use_peft and self.lora_r <= 0:
             raise ValueError(f"lora_r ({self.lora_r}) must be > 0 with use_peft.")
+        if self.use_peft and self.lora_alpha <= 0:
+            raise ValueError(f"--lora_alpha ({self.lora_alpha}) must be > 0 with use_peft; 2 x lora_r is common.")
         if self.lora_target_parameters and not self.use_peft:
             raise ValueError(f"--lora_target_parameters ({' '.join(self.lora_target_parameters)}) adds LoRA "
                              "adapters: add --use_peft true.")

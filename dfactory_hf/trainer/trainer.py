@@ -9,9 +9,11 @@ metrics and evaluation are the diffusion ones. Each override below says why it e
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 from functools import partial
 
 import torch
@@ -31,11 +33,14 @@ from ..parallel.loading import RankZeroBroadcastLoader, wants_rank0_loading
 from ..parallel.sequence import SequenceShard
 from ..parallel.state import ParallelState
 from ..parallel.ulysses import apply_sequence_parallel, base_backend
-from .checkpoints import mark_complete, resolve_resume_checkpoint, rotate, unmark
+from ..paths import check_pretrained_source, load_pretrained
+from .checkpoints import (is_disk_full, mark_complete, model_shapes, newest_complete_checkpoint,
+                          resolve_resume_checkpoint, rotate, save_failure_message, unmark, write_model_shapes)
 from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
 from .flops import batch_training_flops, peak_bf16_flops
 from .forward import DiffusionObjective, diffusion_step
+from .guards import INTERRUPTED_EXIT_STATUS, SaveOnInterrupt, StepCounter, no_step_message
 from .lora import apply_lora, base_model, checkpoint_key, initial_adapter_value
 from .metrics import STREAM_METRICS, MetricWindow
 from .precision import use_autocast_experts
@@ -54,9 +59,10 @@ class DiffusionTrainer(Trainer):
         args = DiffusionTrainingArguments.from_training_arguments(args)
         if isinstance(model, str):
             model_path = model
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+            check_pretrained_source("model", model_path, "model")
+            model = load_pretrained("model", model_path, AutoModelForCausalLM.from_pretrained, dtype="auto")
             if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(model_path)
+                processing_class = load_pretrained("model", model_path, AutoTokenizer.from_pretrained)
         if model is None:
             raise ValueError("DiffusionTrainer needs a model (a PreTrainedModel or a checkpoint path).")
         if processing_class is None:
@@ -64,6 +70,9 @@ class DiffusionTrainer(Trainer):
         tokenizer = processing_class
         self.mask_token_id = resolve_mask_token_id(args, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._model_vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        _check_special_ids_embed(self._model_vocab_size, mask=self.mask_token_id, pad=self.pad_token_id,
+                                 eos=tokenizer.eos_token_id)
         _check_attention_backend(model, args, training=train_dataset is not None)
         if args.bf16:
             use_autocast_experts(model)  # routed experts in bf16 under autocast too (precision.py)
@@ -105,6 +114,8 @@ class DiffusionTrainer(Trainer):
                                              seed=args.seed + 1, **edits)
         if args.use_peft or peft_config is not None:
             model = apply_lora(model, args, peft_config)
+        # Before any wrapping: what a checkpoint of this run records, and a resume compares against.
+        self._model_shapes = model_shapes(model)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
@@ -117,6 +128,13 @@ class DiffusionTrainer(Trainer):
         self.router_load = RouterLoad(self.accelerator.unwrap_model(self.model),
                                       rate=self.args.router_bias_update_rate, reduce_sum=self._reduce_sum)
         self.add_callback(_RouterStep(self.router_load))
+        self._step_counter = StepCounter()
+        self.add_callback(self._step_counter)
+        self._interrupt = None
+        if self.args.save_on_interrupt:
+            self._interrupt = SaveOnInterrupt(
+                any_rank=lambda flag: bool(self._reduce_sum(torch.tensor(float(flag))).item() > 0))
+            self.add_callback(self._interrupt)
 
     # --- parallelism ------------------------------------------------------------------------------------------
 
@@ -193,7 +211,7 @@ class DiffusionTrainer(Trainer):
         dataset, report = prepare_dataset(
             dataset, tokenizer, block_size=args.block_size, max_seq_len=args.max_seq_len,
             mask_token_id=self.mask_token_id, overlong_policy=args.overlong_document_policy,
-            num_proc=args.dataset_num_proc, split=split,
+            num_proc=args.dataset_num_proc, split=split, model_vocab_size=self._model_vocab_size,
         )
         self.data_reports.append(report)
         if report.skipped or report.num_truncated:
@@ -317,6 +335,16 @@ class DiffusionTrainer(Trainer):
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                write_model_shapes(checkpoint_dir, self._model_shapes)
+        except Exception as error:
+            if not is_disk_full(error, checkpoint_dir):
+                raise
+            # The partial directory is unmarked (ignored by resume); removing it gives the space back.
+            if self.args.should_save:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            raise OSError(errno.ENOSPC, save_failure_message(checkpoint_dir, newest_complete_checkpoint(run_dir))
+                          ) from error
         finally:
             self.args.save_total_limit = limit
         self.parallel_state.barrier()
@@ -424,9 +452,12 @@ class DiffusionTrainer(Trainer):
         finally:
             self._eval_window = None
         metrics = output.metrics
-        # Token-weighted held-out loss (Trainer's own is a mean of per-batch means).
-        metrics[f"{metric_key_prefix}_loss"] = summary["ce_loss"]
-        metrics[f"{metric_key_prefix}_masked_token_accuracy"] = summary["masked_token_accuracy"]
+        # Token-weighted held-out loss (Trainer's own is a mean of per-batch means); with no supervised token (given
+        # noise that masks nothing) there is no loss to report, not a perfect 0.
+        scored = summary["supervised_tokens"] > 0
+        metrics[f"{metric_key_prefix}_loss"] = summary["ce_loss"] if scored else float("nan")
+        metrics[f"{metric_key_prefix}_masked_token_accuracy"] = (summary["masked_token_accuracy"] if scored
+                                                                 else float("nan"))
         metrics[f"{metric_key_prefix}_supervised_tokens"] = summary["supervised_tokens"]
         for key in STREAM_METRICS:
             if key in summary:
@@ -450,9 +481,22 @@ class DiffusionTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         # Resume only from complete checkpoints, `last` meaning the newest one; refused before any work otherwise.
+        for report in self.data_reports:
+            if report.split == "train" and report.supervises_nothing:
+                raise ValueError(f"Nothing in the train dataset is supervised: every document brings noisy_input_ids "
+                                 "with no masked response position, so training would run at loss 0 and learn "
+                                 "nothing. Mask some response tokens (noisy_input_ids = the mask token id, labels = "
+                                 f"the clean token), or drop the noise columns to have it drawn.\n{report.summary()}")
+        if (not self.args.uses_token_budget and self.args.dataloader_drop_last and self.train_dataset is not None
+                and len(self.train_dataset) < self.args.per_device_train_batch_size * self.parallel_state.dp_size):
+            raise ValueError(no_step_message(self))  # Trainer would fail on the empty dataloader with its own words
         resume_from_checkpoint = resolve_resume_checkpoint(
-            resume_from_checkpoint, output_dir=self.args.output_dir, layout=self._checkpoint_layout())
+            resume_from_checkpoint, output_dir=self.args.output_dir, layout=self._checkpoint_layout(),
+            shapes=self._model_shapes)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.state.global_step == 0:
+            # Trainer returns normally from a run that trained nothing; the caller would save an untrained model.
+            raise ValueError(no_step_message(self))
         # Data problems were skipped and counted; report them at the end, where the user looks.
         if self.data_reports and self.is_world_process_zero():
             for report in self.data_reports:
@@ -464,6 +508,11 @@ class DiffusionTrainer(Trainer):
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "router_load.json"), "w") as handle:
                 json.dump({"tokens_per_expert": self.router_load.tokens_per_expert()}, handle)
+        if self._interrupt is not None and self._interrupt.saved_at_step is not None:
+            if self.is_world_process_zero():
+                print(f"[dfactory_hf] SIGTERM: saved checkpoint-{self._interrupt.saved_at_step} in "
+                      f"{self.args.output_dir} and stopped; resume with --resume_from_checkpoint last.", flush=True)
+            raise SystemExit(INTERRUPTED_EXIT_STATUS)
         return output
 
     # --- helpers ----------------------------------------------------------------------------------------------
@@ -505,6 +554,15 @@ def resolve_mask_token_id(args: DiffusionTrainingArguments, tokenizer) -> int:
     if not 0 <= mask_token_id < max(vocab, 1):
         raise ValueError(f"mask_token_id ({mask_token_id}) is outside the tokenizer's vocabulary (size {vocab}).")
     return mask_token_id
+
+
+def _check_special_ids_embed(vocab_size: int | None, **ids: int | None) -> None:
+    """The mask, pad and EOS ids go into every batch: an id the model cannot embed fails inside the first step."""
+    for name, token_id in ids.items():
+        if vocab_size is not None and token_id is not None and not 0 <= token_id < vocab_size:
+            raise ValueError(f"The {name} token id ({token_id}) is outside the model's vocabulary (vocab_size "
+                             f"{vocab_size}); use the tokenizer the model was trained with, or a model whose "
+                             "vocab_size covers it.")
 
 
 def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_token_id: int, seed: int | None = None,

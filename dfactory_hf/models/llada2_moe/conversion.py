@@ -9,8 +9,8 @@ Three layouts of the routed experts of MoE layer `l` (`I` = moe_intermediate_siz
 | fused (in memory) | `gate_up_proj`, `down_proj` | [E, 2I, H], [E, H, I] |
 
 `from_pretrained` loads any of them through transformers' checkpoint conversion mapping (registered below for
-`model_type="llada2_moe"`), after checking every expert tensor's presence and shape from the safetensors
-headers so a bad checkpoint fails with the key and both shapes instead of a generic mismatch. `save_pretrained`
+`model_type="llada2_moe"`), after checking every tensor's presence and shape from the safetensors headers
+(validation.py) so a bad checkpoint fails with the key and both shapes instead of loading re-initialised tensors. `save_pretrained`
 always writes the hub layout and, when the source directory had modeling `*.py` files and the config an
 `auto_map`, copies them alongside so the hub's remote code still loads the result.
 
@@ -174,12 +174,15 @@ class LLaDA2MoeCheckpointMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         if pretrained_model_name_or_path is not None and Path(pretrained_model_name_or_path).is_dir():
+            from .validation import readable_shapes, refuse_incomplete_training_checkpoint, validate_checkpoint_tensors
+
             directory = Path(pretrained_model_name_or_path)
+            refuse_incomplete_training_checkpoint(directory)
             config = kwargs.get("config")
             if config is None or isinstance(config, (str, os.PathLike)):
                 config = cls.config_class.from_pretrained(config or directory)
-            if any(directory.glob("*.safetensors")):
-                validate_expert_tensors(checkpoint_shapes(directory), config, source=str(directory))
+            if any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
+                validate_checkpoint_tensors(readable_shapes(directory), config, cls, source=str(directory))
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -234,6 +237,12 @@ def load_checkpoint_weights(model, directory: str | os.PathLike) -> None:
         with safe_open(file, framework="pt") as handle:
             tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
     state = fused_state_dict(tensors)
+    expected = model.state_dict()
+    wrong = [f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"
+             for key, value in state.items() if key in expected and value.shape != expected[key].shape]
+    if wrong:
+        raise ValueError(f"Checkpoint {directory} was written by another model (shapes differ: {'; '.join(wrong[:5])}); "
+                         "resume or load it with the model configuration it was trained with.")
     # Buffers that are not saved (rotary inv_freq) stay as they are.
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if not key.endswith("rotary_emb.inv_freq")]
