@@ -90,6 +90,32 @@ def explain_divergence(cached: DecisionLog, recomputed: DecisionLog) -> str:
     raise AssertionError("tokens differ although every recorded decision is identical")
 
 
+@torch.no_grad()
+def forward_seconds(model, batch: int, length: int, vocab: int, device: str, repeats: int = 5) -> float:
+    """Median time of one forward of `batch` rows of `length` tokens (logits of one position per row)."""
+    ids = torch.randint(0, vocab - 2, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    times = []
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def cache_bound(model, batch: int, args, vocab: int) -> str:
+    """What a cache can gain at most: a cached step runs one block, a recomputing step the prefix up to the block
+    (on average the prompt, half the answer and the block); the ratio of their forward times bounds the speedup
+    (weight reads dominate small forwards, so it is far below the ratio of token counts)."""
+    recompute_length = 48 + args.gen_length // 2 + args.block_length  # prompts are 32-64 tokens
+    cached = forward_seconds(model, batch, args.block_length, vocab, args.device)
+    recompute = forward_seconds(model, batch, recompute_length, vocab, args.device)
+    return (f"batch {batch}: a forward of {args.block_length} tokens takes {cached * 1e3:.0f} ms, of "
+            f"{recompute_length} tokens (a mean recomputing step) {recompute * 1e3:.0f} ms: the cache can gain at "
+            f"most {recompute / cached:.2f}x ({recompute_length / args.block_length:.1f}x fewer tokens)")
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -149,6 +175,8 @@ def main() -> None:
                   f"| {speedup:.2f}x |", flush=True)
 
     print("\n" + "\n".join(notes))
+    for batch in args.batch_sizes:
+        print(cache_bound(model, batch, args, config.vocab_size))
     print("Model forward calls (up to `steps` per block; a prompt that does not end on a block boundary adds a "
           "partial first block; cached adds one prefill and one call per finished block): "
           + ", ".join(f"batch {b} {m} {n}" for (b, m), n in forward_calls.items()))

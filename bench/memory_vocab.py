@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--loss_chunk_size", type=int, default=4096)
+    parser.add_argument("--loss_chunk_size", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="one layer: a smoke run")
     parser.add_argument("--out_dir", default="outputs/bench-memory-vocab")
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)

@@ -29,7 +29,7 @@ class DiffusionObjective:
     shift_labels: bool = False
     loss_weighting: str = "mean"
     confidence_beta: float = 0.0
-    loss_chunk_size: int | None = 4096
+    loss_chunk_size: int | None = 1024
     edit_keep_weight: float = 0.0  # draft-and-edit: weight of the kept tokens (noise_kind 3)
     edit_streams: bool = False  # report the loss per noise kind (M2T, T2T, kept)
 
