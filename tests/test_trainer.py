@@ -162,9 +162,11 @@ def test_evaluate_reports_token_loss_accuracy_and_elbo_buckets(tmp_path):
     for key in ("eval_loss", "eval_masked_token_accuracy", "eval_loss_t0.2", "eval_loss_t0.6", "eval_elbo_nll",
                 "eval_elbo_perplexity"):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
-    assert metrics == {**metrics, **trainer.evaluate()} or True  # second call must not fail
+    # A second evaluation draws the same (pinned) noise: every metric but the timings repeats.
     again = trainer.evaluate()
-    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"])  # pinned evaluation noise
+    timings = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+    assert {k: v for k, v in again.items() if k not in timings} == pytest.approx(
+        {k: v for k, v in metrics.items() if k not in timings})
 
 
 def test_report_to_wandb_offline(tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..diffusion.loss import IGNORE_INDEX
 from ..diffusion.noise import (
     complement_mask_rate,
     complementary_pair,
@@ -49,7 +50,6 @@ from ..diffusion.noise import (
 )
 from .sampler import next_fit
 
-IGNORE_INDEX = -100
 
 
 NOT_SUPERVISED, MASKED, EDITED, KEPT = 0, 1, 2, 3  # `noise_kind` values

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from jinja2 import TemplateError
 
-IGNORE_INDEX = -100
+from ..diffusion.loss import IGNORE_INDEX
+
 FORMATS = {
     "chat": ("messages",),
     "prompt-completion": ("prompt", "completion"),
