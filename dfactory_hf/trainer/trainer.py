@@ -214,7 +214,7 @@ class DiffusionTrainer(Trainer):
             num_proc=args.dataset_num_proc, split=split, model_vocab_size=self._model_vocab_size,
         )
         self.data_reports.append(report)
-        if report.skipped or report.num_truncated:
+        if (report.skipped or report.num_truncated) and args.process_index == 0:  # once per run, not per rank
             print(report.summary())
         return dataset
 
