@@ -50,7 +50,7 @@ def steps(monkeypatch) -> list[int]:
     return taken
 
 
-def _refused(call, words: tuple[str, ...], steps: list[int]) -> str:
+def assert_refused(call, words: tuple[str, ...], steps: list[int]) -> str:
     with pytest.raises(ValueError) as error:
         call()
     message = str(error.value)
@@ -120,7 +120,7 @@ FLAGS = [
 @pytest.mark.parametrize(("overrides", "words"), FLAGS, ids=[next(iter(o)) + "=" + str(next(iter(o.values())))
                                                             for o, _ in FLAGS])
 def test_flag_out_of_range_is_refused(tmp_path, steps, overrides, words):
-    _refused(lambda: demo_args(tmp_path, **overrides), (words,), steps)
+    assert words in assert_refused(lambda: demo_args(tmp_path, **overrides), (words,), steps)
 
 
 # --- the main script: paths, script flags, data files -----------------------------------------------------------
@@ -221,7 +221,7 @@ def test_main_script_refuses_before_training(tmp_path, steps, case):
     argv, words = _script_cases(tmp_path)[case]
     demo = _load_example("sft_llada2")
     out = tmp_path / "out"
-    _refused(lambda: demo.main(["--output_dir", str(out), "--max_steps", "2", "--num_train_samples", "16",
+    assert_refused(lambda: demo.main(["--output_dir", str(out), "--max_steps", "2", "--num_train_samples", "16",
                                 "--num_test_samples", "0", "--disable_tqdm", "true", *argv]), words, steps)
     assert not (out / "model.safetensors").exists()  # no untrained model was saved
 
@@ -347,13 +347,15 @@ def test_out_of_vocabulary_rows_never_reach_the_embedding(tmp_path, steps):
 
 
 def test_special_id_outside_the_model_is_refused(tmp_path, steps):
-    _refused(lambda: demo_trainer(tmp_path, model=demo_model(vocab_size=2)), ("token id", "vocab_size 2"), steps)
+    message = assert_refused(lambda: demo_trainer(tmp_path, model=demo_model(vocab_size=2)),
+                             ("token id", "vocab_size 2"), steps)
+    assert "outside the model's vocabulary" in message
 
 
 def test_a_run_that_would_take_no_step_fails(tmp_path, steps):
     data = {"train": Dataset.from_list([CHAT] * 2), "test": None}
     trainer = demo_trainer(tmp_path, data=data, max_steps=-1, num_train_epochs=1, dataloader_drop_last=True)
-    _refused(trainer.train, ("Training ran no optimizer step", "2 training documents",
+    assert_refused(trainer.train, ("Training ran no optimizer step", "2 training documents",
                              "--per_device_train_batch_size 4"), steps)
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -415,7 +417,8 @@ CHECKPOINTS = [
 @pytest.mark.parametrize(("name", "edit", "words"), CHECKPOINTS, ids=[c[0] for c in CHECKPOINTS])
 def test_incomplete_checkpoint_is_refused(tmp_path, steps, reference_model, name, edit, words):
     source = _checkpoint(tmp_path, reference_model, edit)
-    _refused(lambda: AutoModelForCausalLM.from_pretrained(source), words, steps)
+    message = assert_refused(lambda: AutoModelForCausalLM.from_pretrained(source), words, steps)
+    assert str(source) in message  # the message names the checkpoint it refused
 
 
 def test_extra_tensors_are_reported(tmp_path, reference_model, caplog):
@@ -429,11 +432,13 @@ def test_truncated_and_missing_shard_files_are_refused(tmp_path, steps, referenc
     source = _checkpoint(tmp_path, reference_model)
     weights = source / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    _refused(lambda: AutoModelForCausalLM.from_pretrained(source), ("is truncated or not a safetensors file",), steps)
+    assert_refused(lambda: AutoModelForCausalLM.from_pretrained(source), ("is truncated or not a safetensors file",), steps)
     weights.unlink()
     (source / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
-    _refused(lambda: AutoModelForCausalLM.from_pretrained(source), ("names a shard that is missing",), steps)
+    message = assert_refused(lambda: AutoModelForCausalLM.from_pretrained(source), ("names a shard that is missing",),
+                             steps)
+    assert "model-00001-of-00002.safetensors" in message
 
 
 SAVE_EVERY_2 = dict(save_strategy="steps", save_steps=2, save_total_limit=1)
@@ -456,7 +461,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_usable(tmp_path, steps)
     assert (output_dir / "checkpoint-4" / "model.safetensors").exists() and not read_marker(str(output_dir /
                                                                                                  "checkpoint-4"))
     assert newest_complete_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
-    _refused(lambda: AutoModelForCausalLM.from_pretrained(output_dir / "checkpoint-4"),
+    assert_refused(lambda: AutoModelForCausalLM.from_pretrained(output_dir / "checkpoint-4"),
              ("checkpoint-4 is an incomplete training checkpoint", COMPLETE_MARKER), [])
     steps.clear()
     resumed = demo_trainer(tmp_path, max_steps=4, **SAVE_EVERY_2)
@@ -469,8 +474,9 @@ def test_resume_into_another_model_is_refused(tmp_path, steps):
     demo_trainer(tmp_path, max_steps=2, **SAVE_EVERY_2).train()
     steps.clear()
     other = demo_trainer(tmp_path, model=demo_model(num_hidden_layers=2), max_steps=4, **SAVE_EVERY_2)
-    _refused(lambda: other.train(resume_from_checkpoint="last"),
-             ("was written by another model", "model.layers.2", "only in the checkpoint"), steps)
+    message = assert_refused(lambda: other.train(resume_from_checkpoint="last"),
+                             ("was written by another model", "model.layers.2", "only in the checkpoint"), steps)
+    assert "checkpoint-2" in message
 
 
 def test_disk_full_says_so_and_keeps_the_previous_checkpoint(tmp_path):

@@ -46,7 +46,9 @@ def _train_save_reload_merge(tmp_path, model=None, **lora):
 
 
 def test_lora_adapters_train_save_load_and_merge(tmp_path):
-    _train_save_reload_merge(tmp_path)
+    _, trainable = _train_save_reload_merge(tmp_path)
+    # The default targets: attention only, no routed-expert adapter.
+    assert any("query_key_value" in n for n in trainable) and not any(".experts." in n for n in trainable)
 
 
 @pytest.mark.parametrize("experts_implementation", ["eager", "grouped_mm"])
