@@ -20,10 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
-from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator, edit_token_ids
+from ..data.collators import edit_token_ids
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
-from ..diffusion.masks import ATTN_IMPLEMENTATIONS
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
 from ..parallel.expert import apply_expert_parallel, check_expert_parallel
 from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_layout,
@@ -36,6 +35,8 @@ from ..parallel.ulysses import apply_sequence_parallel, base_backend
 from ..paths import check_pretrained_source, load_pretrained
 from .checkpoints import (is_disk_full, mark_complete, model_shapes, newest_complete_checkpoint,
                           resolve_resume_checkpoint, rotate, save_failure_message, unmark, write_model_shapes)
+from .components import (build_collator, check_attention_backend, check_special_ids_embed, has_given_noise,
+                         resolve_mask_token_id)
 from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
 from .flops import batch_training_flops, peak_bf16_flops
@@ -71,9 +72,9 @@ class DiffusionTrainer(Trainer):
         self.mask_token_id = resolve_mask_token_id(args, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._model_vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-        _check_special_ids_embed(self._model_vocab_size, mask=self.mask_token_id, pad=self.pad_token_id,
+        check_special_ids_embed(self._model_vocab_size, mask=self.mask_token_id, pad=self.pad_token_id,
                                  eos=tokenizer.eos_token_id)
-        _check_attention_backend(model, args, training=train_dataset is not None)
+        check_attention_backend(model, args, training=train_dataset is not None)
         if args.bf16:
             use_autocast_experts(model)  # routed experts in bf16 under autocast too (precision.py)
         # One ParallelState for the run, before any data work: every rank, size and reduction goes through it.
@@ -101,7 +102,7 @@ class DiffusionTrainer(Trainer):
             eval_dataset = {name: self._prepare(ds, tokenizer, args, f"eval/{name}") for name, ds in eval_dataset.items()}
         else:
             eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
-        if args.complementary_masking and _has_given_noise(train_dataset):
+        if args.complementary_masking and has_given_noise(train_dataset):
             raise ValueError("complementary_masking=True cannot apply to a dataset that brings its own "
                              "noisy_input_ids; set complementary_masking=False.")
 
@@ -543,48 +544,10 @@ class _RouterStep(TrainerCallback):
         self.router_load.optimizer_step()
 
 
-def resolve_mask_token_id(args: DiffusionTrainingArguments, tokenizer) -> int:
-    mask_token_id = args.mask_token_id if args.mask_token_id is not None else tokenizer.mask_token_id
-    if mask_token_id is None:
-        raise ValueError(
-            "The tokenizer has no mask token and --mask_token_id is not set; set tokenizer.mask_token "
-            "(e.g. '<|mask|>') or pass --mask_token_id <id> (LLaDA2.0 uses 156895)."
-        )
-    vocab = len(tokenizer)
-    if not 0 <= mask_token_id < max(vocab, 1):
-        raise ValueError(f"mask_token_id ({mask_token_id}) is outside the tokenizer's vocabulary (size {vocab}).")
-    return mask_token_id
 
 
-def _check_special_ids_embed(vocab_size: int | None, **ids: int | None) -> None:
-    """The mask, pad and EOS ids go into every batch: an id the model cannot embed fails inside the first step."""
-    for name, token_id in ids.items():
-        if vocab_size is not None and token_id is not None and not 0 <= token_id < vocab_size:
-            raise ValueError(f"The {name} token id ({token_id}) is outside the model's vocabulary (vocab_size "
-                             f"{vocab_size}); use the tokenizer the model was trained with, or a model whose "
-                             "vocab_size covers it.")
 
 
-def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_token_id: int, seed: int | None = None,
-                   edit_token_ids: tuple[int, ...] | None = None):
-    common = dict(
-        edit_noise_rate=args.edit_noise_rate,
-        edit_token_ids=edit_token_ids,
-        supervise_kept=args.edit_keep_weight > 0,
-        mask_token_id=mask_token_id,
-        pad_token_id=pad_token_id,
-        block_size=args.block_size,
-        noise_range_low=args.noise_range_low,
-        noise_range_high=args.noise_range_high,
-        complementary_masking=args.complementary_masking,
-        min_masked_tokens=args.min_masked_tokens,
-        seed=args.seed if seed is None else seed,
-    )
-    if args.packing:
-        return PackingCollator(**common, max_seq_len=args.max_seq_len)
-    if args.padding_free:
-        return PositionIdCollator(**common)
-    return PaddingCollator(**common, max_seq_len=args.max_seq_len, pad_to_max_seq_len=args.pad_to_max_seq_len)
 
 
 def _epochs_to_cover(sampler: TokenBudgetBatchSampler, num_micro_batches: int) -> int:
@@ -595,17 +558,4 @@ def _epochs_to_cover(sampler: TokenBudgetBatchSampler, num_micro_batches: int) -
     return epochs
 
 
-def _has_given_noise(dataset) -> bool:
-    return dataset is not None and "noisy_input_ids" in dataset.column_names
 
-
-def _check_attention_backend(model, args, *, training: bool) -> None:
-    implementation = base_backend(model.config._attn_implementation)
-    if implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation ({implementation!r}) cannot take the block-diffusion mask; load the model with "
-            f"attn_implementation in {ATTN_IMPLEMENTATIONS} (flex_attention on GPU, sdpa elsewhere)."
-        )
-    if training and implementation == "flex_attention" and args.device.type == "cpu":
-        raise ValueError("flex_attention has no backward pass on CPU; train on CPU with attn_implementation='sdpa' "
-                         "(flex_attention is the GPU path).")

@@ -1,0 +1,69 @@
+"""What `DiffusionTrainer.__init__` checks and builds from the arguments, the tokenizer and the model, before any
+data work: the special token ids, the attention backend, the collator."""
+
+from __future__ import annotations
+
+from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
+from ..diffusion.masks import ATTN_IMPLEMENTATIONS
+from ..parallel.ulysses import base_backend
+from .config import DiffusionTrainingArguments
+
+
+def resolve_mask_token_id(args: DiffusionTrainingArguments, tokenizer) -> int:
+    mask_token_id = args.mask_token_id if args.mask_token_id is not None else tokenizer.mask_token_id
+    if mask_token_id is None:
+        raise ValueError(
+            "The tokenizer has no mask token and --mask_token_id is not set; set tokenizer.mask_token "
+            "(e.g. '<|mask|>') or pass --mask_token_id <id> (LLaDA2.0 uses 156895)."
+        )
+    vocab = len(tokenizer)
+    if not 0 <= mask_token_id < max(vocab, 1):
+        raise ValueError(f"mask_token_id ({mask_token_id}) is outside the tokenizer's vocabulary (size {vocab}).")
+    return mask_token_id
+
+
+def check_special_ids_embed(vocab_size: int | None, **ids: int | None) -> None:
+    """The mask, pad and EOS ids go into every batch: an id the model cannot embed fails inside the first step."""
+    for name, token_id in ids.items():
+        if vocab_size is not None and token_id is not None and not 0 <= token_id < vocab_size:
+            raise ValueError(f"The {name} token id ({token_id}) is outside the model's vocabulary (vocab_size "
+                             f"{vocab_size}); use the tokenizer the model was trained with, or a model whose "
+                             "vocab_size covers it.")
+
+
+def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_token_id: int, seed: int | None = None,
+                   edit_token_ids: tuple[int, ...] | None = None):
+    common = dict(
+        edit_noise_rate=args.edit_noise_rate,
+        edit_token_ids=edit_token_ids,
+        supervise_kept=args.edit_keep_weight > 0,
+        mask_token_id=mask_token_id,
+        pad_token_id=pad_token_id,
+        block_size=args.block_size,
+        noise_range_low=args.noise_range_low,
+        noise_range_high=args.noise_range_high,
+        complementary_masking=args.complementary_masking,
+        min_masked_tokens=args.min_masked_tokens,
+        seed=args.seed if seed is None else seed,
+    )
+    if args.packing:
+        return PackingCollator(**common, max_seq_len=args.max_seq_len)
+    if args.padding_free:
+        return PositionIdCollator(**common)
+    return PaddingCollator(**common, max_seq_len=args.max_seq_len, pad_to_max_seq_len=args.pad_to_max_seq_len)
+
+
+def has_given_noise(dataset) -> bool:
+    return dataset is not None and "noisy_input_ids" in dataset.column_names
+
+
+def check_attention_backend(model, args, *, training: bool) -> None:
+    implementation = base_backend(model.config._attn_implementation)
+    if implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation ({implementation!r}) cannot take the block-diffusion mask; load the model with "
+            f"attn_implementation in {ATTN_IMPLEMENTATIONS} (flex_attention on GPU, sdpa elsewhere)."
+        )
+    if training and implementation == "flex_attention" and args.device.type == "cpu":
+        raise ValueError("flex_attention has no backward pass on CPU; train on CPU with attn_implementation='sdpa' "
+                         "(flex_attention is the GPU path).")
