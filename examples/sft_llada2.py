@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from transformers import AutoTokenizer
-from trl import TrlParser
+from trl import DatasetMixtureConfig, TrlParser
 
 import dfactory_hf  # noqa: F401  (registers llada2_moe with the Auto classes)
 from dfactory_hf import DiffusionTrainer, DiffusionTrainingArguments
 from dfactory_hf.data.arithmetic import TASKS, make_arithmetic_dataset
-from dfactory_hf.data.files import load_data_file
+from dfactory_hf.data.sources import check_eval_split_size, hold_out, load_mixture, load_source
 from dfactory_hf.data.tokenizer import DEMO_TOKENIZER_PATH
 from dfactory_hf.diffusion.masks import ATTN_IMPLEMENTATIONS
 from dfactory_hf.models.llada2_moe import SHIPPED_CONFIGS, LLaDA2MoeConfig, LLaDA2MoeForCausalLM, shipped_config
@@ -63,10 +63,18 @@ class ScriptArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A dataset name for datasets.load_dataset."})
     dataset_config: str | None = field(default=None, metadata={"help": "Its configuration name."})
     dataset_path: str | None = field(
-        default=None, metadata={"help": "A json / jsonl / parquet file, or a directory saved by save_to_disk."}
+        default=None, metadata={"help": "A json / jsonl / parquet file, a folder of such files (shards), or a "
+                                "folder saved by save_to_disk. Several weighted sources: a `datasets:` list in the "
+                                "recipe (README, Data)."}
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split (skipped if absent)."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Held-out split; made from the train split when absent (--eval_split_size)."}
+    )
+    eval_split_size: float = field(
+        default=0.01, metadata={"help": "Share of the training rows held out (seeded) when the data has no "
+                                "--dataset_test_split: a fraction in [0, 1) or a number of rows; 0 disables."}
+    )
     num_train_samples: int = field(
         default=7800, metadata={"help": "Generated conversations (embedded data; `add` has 8,100 distinct problems)."}
     )
@@ -89,6 +97,7 @@ class ScriptArguments:
         for name, low in (("num_train_samples", 1), ("num_test_samples", 0), ("final_generation_samples", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name} ({getattr(self, name)}) must be >= {low}.")
+        check_eval_split_size(self.eval_split_size)
         self.config_overrides = parse_config_overrides(self.model_config_overrides)
         if self.config_overrides and self.model_name_or_path:
             raise ValueError(f"--model_config_overrides ({self.model_config_overrides}) changes the shipped config "
@@ -129,18 +138,28 @@ def parse_config_overrides(text: str | None) -> dict:
     return overrides
 
 
-def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
-    if script.dataset_path:
-        data = load_data_file(script.dataset_path, split=script.dataset_train_split)
+def load_data(script: ScriptArguments, seed: int, mixture: DatasetMixtureConfig | None = None) -> DatasetDict:
+    mixed = mixture is not None and bool(mixture.datasets)
+    if mixed and (script.dataset_path or script.dataset_name):
+        raise ValueError(f"a `datasets:` mixture and --{'dataset_path' if script.dataset_path else 'dataset_name'} "
+                         "are both set; list every source under `datasets:`, or drop the mixture.")
+    if mixed:
+        data = load_mixture(mixture, seed=seed, split=script.dataset_train_split)
+    elif script.dataset_path:
+        data = load_source(script.dataset_path, flag="--dataset_path", split=script.dataset_train_split)
     elif script.dataset_name:
-        data = load_pretrained("--dataset_name", script.dataset_name, load_dataset, name=script.dataset_config)
+        data = load_source(script.dataset_name, flag="--dataset_name", split=script.dataset_train_split,
+                           name=script.dataset_config)
     else:
         return make_arithmetic_dataset(script.num_train_samples, script.num_test_samples, seed=seed,
                                        task=script.arithmetic_task)
     if script.dataset_train_split not in data:
         raise ValueError(f"--dataset_train_split ({script.dataset_train_split}) is not a split of the data (splits: "
                          f"{', '.join(data)}); pass one of them.")
-    return data
+    # A TRL recipe's `test_split_size` is honoured as the held-out share (seeded here, unlike TRL's split).
+    size = mixture.test_split_size if mixed and mixture.test_split_size is not None else script.eval_split_size
+    return hold_out(data, size=size, train_split=script.dataset_train_split, test_split=script.dataset_test_split,
+                    seed=seed)
 
 
 def load_model_and_tokenizer(script: ScriptArguments, args: DiffusionTrainingArguments):
@@ -174,10 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_RECIPE), *argv]
-    parser = TrlParser((ScriptArguments, DiffusionTrainingArguments))
-    script, args = parser.parse_args_and_config(argv)
+    parser = TrlParser((ScriptArguments, DiffusionTrainingArguments, DatasetMixtureConfig))
+    script, args, mixture = parser.parse_args_and_config(argv)
 
-    data = load_data(script, args.seed)
+    data = load_data(script, args.seed, mixture)
     model, tokenizer = load_model_and_tokenizer(script, args)
     eval_split = data.get(script.dataset_test_split)
     trainer = DiffusionTrainer(model=model, args=args, train_dataset=data[script.dataset_train_split],

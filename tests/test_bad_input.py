@@ -200,6 +200,7 @@ def _script_cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
                                       ("--attn_implementation ('flash_attention_2') must be one of",)),
         "unknown arithmetic task": (["--arithmetic_task", "mul"], ("--arithmetic_task ('mul') must be one of",)),
         "no training samples": (["--num_train_samples", "0"], ("--num_train_samples (0) must be >= 1",)),
+        "held-out share of 1.5": (["--eval_split_size", "1.5"], ("--eval_split_size (1.5)", "fraction in [0, 1)")),
         "gradient accumulation -1 on the command line": (["--gradient_accumulation_steps=-1"],
                                                          ("--gradient_accumulation_steps (-1) must be >= 1",)),
     }
@@ -213,7 +214,8 @@ SCRIPT_IDS = ["empty data file", "malformed JSON line", "a line that is not an o
               "model directory without config.json", "model path that is a file", "missing tokenizer path",
               "missing resume path", "empty resume folder", "resume from a run directory",
               "resume from a folder that is no checkpoint", "unknown shipped config", "unknown attention backend",
-              "unknown arithmetic task", "no training samples", "gradient accumulation -1 on the command line"]
+              "unknown arithmetic task", "no training samples", "held-out share of 1.5",
+              "gradient accumulation -1 on the command line"]
 
 
 @pytest.mark.parametrize("case", SCRIPT_IDS)
@@ -221,8 +223,10 @@ def test_main_script_refuses_before_training(tmp_path, steps, case):
     argv, words = _script_cases(tmp_path)[case]
     demo = _load_example("sft_llada2")
     out = tmp_path / "out"
+    # No held-out rows (--eval_split_size 0): the cases count the rows of the whole file.
     assert_refused(lambda: demo.main(["--output_dir", str(out), "--max_steps", "2", "--num_train_samples", "16",
-                                "--num_test_samples", "0", "--disable_tqdm", "true", *argv]), words, steps)
+                                "--num_test_samples", "0", "--eval_split_size", "0", "--disable_tqdm", "true",
+                                *argv]), words, steps)
     assert not (out / "model.safetensors").exists()  # no untrained model was saved
 
 

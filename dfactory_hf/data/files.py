@@ -22,33 +22,64 @@ KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def load_data_file(path: str | Path, *, split: str = "train", flag: str = "--dataset_path") -> DatasetDict:
+    """A json / jsonl / parquet file, a folder of such files (shards of one kind, read in name order), or a
+    folder written by `save_to_disk`."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{flag} ({path}) does not exist; pass a .json, .jsonl or .parquet file, or a folder saved "
-                         "by Dataset.save_to_disk.")
+        raise ValueError(f"{flag} ({path}) does not exist; pass a .json, .jsonl or .parquet file, a folder of such "
+                         "files, or a folder saved by Dataset.save_to_disk.")
     if path.is_dir():
-        try:
-            data = load_from_disk(str(path))
-        except (FileNotFoundError, ValueError, OSError) as error:
-            raise ValueError(f"{flag} ({path}) is a folder but not one written by Dataset.save_to_disk ({error}); "
-                             "pass the data file itself, or a save_to_disk folder.") from error
-        return data if isinstance(data, DatasetDict) else DatasetDict({split: data})
+        shards = data_shards(path)
+        if not shards:
+            return _load_saved(path, split=split, flag=flag)
+        kinds = sorted({KINDS[shard.suffix] for shard in shards})
+        if len(kinds) > 1:
+            raise ValueError(f"{flag} ({path}) holds data files of more than one kind ({', '.join(kinds)}); keep one "
+                             "kind of file in the folder, or give each kind as its own source (`datasets:` list).")
+        return DatasetDict({split: _read(kinds[0], shards, flag)})
     kind = KINDS.get(path.suffix)
     if kind is None:
-        raise ValueError(f"{flag} ({path}) must be .json, .jsonl, .parquet or a save_to_disk folder.")
-    if kind == "json" and not path.read_bytes().strip():
-        raise ValueError(f"{flag} ({path}) is empty; it needs at least one row (one JSON object per line).")
+        raise ValueError(f"{flag} ({path}) must be .json, .jsonl, .parquet, a folder of such files or a save_to_disk "
+                         "folder.")
+    return DatasetDict({split: _read(kind, [path], flag)})
+
+
+def data_shards(folder: Path) -> list[Path]:
+    """The data files under a folder (any depth), in name order; none for a `save_to_disk` folder, whose Arrow
+    files and json metadata are not rows."""
+    if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in KINDS and not p.name.startswith("."))
+
+
+def _load_saved(path: Path, *, split: str, flag: str) -> DatasetDict:
     try:
-        data = load_dataset(kind, data_files=str(path))
-    except Exception as error:  # datasets wraps the reader's errors in its own types
-        problem = json_problem(path) if kind == "json" else None
-        if problem is None:
-            raise ValueError(f"{flag} ({path}) could not be read as {kind}: {_first_line(error)}") from error
-        raise ValueError(f"{flag}: {problem}") from error
-    mixed = [name for name, feature in _json_fields(data["train"].features)]
-    if kind == "json" and mixed:
-        raise ValueError(f"{flag}: {type_conflict(path, mixed[0])}")
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise ValueError(f"{flag} ({path}) is a folder with no .json, .jsonl or .parquet file and not one written by "
+                         f"Dataset.save_to_disk ({error}); pass a data file, a folder of data files, or a "
+                         "save_to_disk folder.") from error
     return data if isinstance(data, DatasetDict) else DatasetDict({split: data})
+
+
+def _read(kind: str, files: list[Path], flag: str):
+    """The rows of `files` (one kind), every file's problem named by file and line."""
+    for file in files:
+        if kind == "json" and not file.read_bytes().strip():
+            raise ValueError(f"{flag} ({file}) is empty; it needs at least one row (one JSON object per line).")
+    try:
+        data = load_dataset(kind, data_files=[str(file) for file in files], split="train")
+    except Exception as error:  # datasets wraps the reader's errors in its own types
+        problems = [json_problem(file) for file in files] if kind == "json" else []
+        problem = next((p for p in problems if p is not None), None)
+        if problem is None:
+            where = files[0] if len(files) == 1 else f"{len(files)} files under {files[0].parent}"
+            raise ValueError(f"{flag} ({where}) could not be read as {kind}: {_first_line(error)}") from error
+        raise ValueError(f"{flag}: {problem}") from error
+    mixed = [name for name, feature in _json_fields(data.features)]
+    if kind == "json" and mixed:
+        raise ValueError(f"{flag}: {type_conflict(files, mixed[0])}")
+    return data
 
 
 def _json_fields(features, prefix: str = ""):
@@ -68,23 +99,25 @@ def _json_fields(features, prefix: str = ""):
                 yield from _json_fields(inner if isinstance(inner, dict) else {}, path + "[].")
 
 
-def type_conflict(path: Path, field: str) -> str:
-    """`file:line: field is a <type> here but a <type> at line <n>; the fix`, for the first disagreeing line."""
-    first: tuple[str, int] | None = None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        for value in _values_at(json.loads(line), field.split(".")):
-            kind = _json_type(value)
-            if kind is None:
+def type_conflict(files: list[Path], field: str) -> str:
+    """`file:line: field is a <type> here but a <type> at <file:line>; the fix`, for the first disagreeing line
+    (the rows of every file together make one column)."""
+    first: tuple[str, str] | None = None
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
                 continue
-            if first is None:
-                first = (kind, number)
-            elif kind != first[0]:
-                return (f"{path}:{number}: `{field}` is a {kind} here but a {first[0]} at line {first[1]}; datasets "
-                        "would convert one into the other (the string \"3\" becomes the number 3), so give it one "
-                        "type in every row")
-    return f"{path}: the rows disagree on the type of `{field}`; give it one type in every row"
+            for value in _values_at(json.loads(line), field.split(".")):
+                kind = _json_type(value)
+                if kind is None:
+                    continue
+                if first is None:
+                    first = (kind, f"line {number}" if len(files) == 1 else f"{path}:{number}")
+                elif kind != first[0]:
+                    return (f"{path}:{number}: `{field}` is a {kind} here but a {first[0]} at {first[1]}; datasets "
+                            "would convert one into the other (the string \"3\" becomes the number 3), so give it "
+                            "one type in every row")
+    return f"{files[0]}: the rows disagree on the type of `{field}`; give it one type in every row"
 
 
 def _values_at(value, parts: list[str]):
