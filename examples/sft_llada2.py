@@ -41,6 +41,7 @@ from dfactory_hf.models.llada2_moe import SHIPPED_CONFIGS, LLaDA2MoeConfig, LLaD
 from dfactory_hf.parallel.loading import from_pretrained_on_rank0
 from dfactory_hf.paths import check_pretrained_source, load_pretrained
 from dfactory_hf.trainer.evaluation import generate_answers
+from dfactory_hf.trainer.guards import StopAtExactMatch
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "sft" / "tiny.yaml"
 
@@ -224,20 +225,30 @@ def main(argv: list[str] | None = None) -> dict:
         if "eval_elbo_perplexity" in end_metrics:
             rows.append(("held-out ELBO perplexity bound", f"{end_metrics['eval_elbo_perplexity']:.3f}"))
     if eval_split is not None and script.final_generation_samples > 0 and "answer" in trainer.eval_dataset.column_names:
+        # The last held-out rows: evaluations during training (and --stop_at_exact_match) answer the first ones.
+        held_out = len(trainer.eval_dataset)
+        first = max(held_out - script.final_generation_samples, 0)
         records = generate_answers(
             trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.eval_dataset,
             num_samples=script.final_generation_samples, gen_length=args.eval_gen_length,
             block_length=args.block_size, threshold=args.eval_gen_threshold, mask_token_id=trainer.mask_token_id,
-            batch_size=args.per_device_eval_batch_size,
+            batch_size=args.per_device_eval_batch_size, indices=list(range(first, held_out)),
         )
         accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
         results["final_exact_match"] = accuracy
-        rows.append((f"held-out exact match ({len(records)} problems, generated)", f"{accuracy:.1%}"))
+        unseen = "" if first >= args.eval_generation_samples else "; some also scored during training"
+        rows.append((f"held-out exact match ({len(records)} problems, generated{unseen})", f"{accuracy:.1%}"))
         if trainer.is_world_process_zero():
             print("\nSamples (prompt -> generated answer):")
             for record in records[:5]:
                 mark = "ok " if record["correct"] else "bad"
                 print(f"  [{mark}] {record['prompt']!r} -> {record['completion']!r}")
+    stop = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopAtExactMatch)), None)
+    if stop is not None:
+        results["stopped_at_step"] = stop.stopped_at[0] if stop.stopped_at else None
+        rows.append(("stopped (--stop_at_exact_match)", f"step {stop.stopped_at[0]} of {args.max_steps}, exact match "
+                     f"{stop.stopped_at[1]:.0%} on {args.eval_generation_samples} problems" if stop.stopped_at else
+                     f"not reached in {args.max_steps} steps"))
     rows.append(("runtime (train)", f"{train_output.metrics['train_runtime']:.0f} s"))
     rows.append(("checkpoint", args.output_dir))
     if trainer.is_world_process_zero():

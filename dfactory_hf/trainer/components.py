@@ -67,3 +67,15 @@ def check_attention_backend(model, args, *, training: bool) -> None:
     if training and implementation == "flex_attention" and args.device.type == "cpu":
         raise ValueError("flex_attention has no backward pass on CPU; train on CPU with attn_implementation='sdpa' "
                          "(flex_attention is the GPU path).")
+
+
+def check_generation_eval(args, eval_dataset) -> None:
+    """Generation-based evaluation (and the stop on its exact match) needs held-out rows with an `answer`."""
+    if args.eval_generation_samples == 0 or eval_dataset is None:  # Trainer refuses an eval_strategy without data
+        return
+    datasets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    if any("answer" not in dataset.column_names for dataset in datasets):
+        flag = "--stop_at_exact_match" if args.stop_at_exact_match is not None else "--eval_generation_samples"
+        raise ValueError(f"{flag} needs an eval dataset with an `answer` column (the reference answer each "
+                         f"generated completion is scored against; eval_generation_samples="
+                         f"{args.eval_generation_samples}); add the column, or set --eval_generation_samples 0.")

@@ -194,6 +194,12 @@ class DiffusionTrainingArguments(TrainingArguments):
     eval_gen_threshold: float = field(
         default=0.9, metadata={"help": "Confidence threshold for committing tokens during evaluation generation."}
     )
+    stop_at_exact_match: float | None = field(
+        default=None,
+        metadata={"help": "Stop training at the first evaluation whose exact match (eval_generation_samples "
+                          "answered by generation) is >= this value, in (0, 1]; needs an eval_strategy and "
+                          "eval_generation_samples > 0. max_steps stays the budget (and the schedule's length)."},
+    )
     # --- parallelism (one DeviceMesh; dfactory_hf/parallel/state.py) ------------------------------------------
     dp_replicate_size: int = field(
         default=1,
@@ -356,6 +362,14 @@ class DiffusionTrainingArguments(TrainingArguments):
                 f"eval_generation_samples ({self.eval_generation_samples}) must be >= 0 and eval_gen_length "
                 f"({self.eval_gen_length}) > 0."
             )
+        if self.stop_at_exact_match is not None:
+            if not (_finite(self.stop_at_exact_match) and 0 < self.stop_at_exact_match <= 1):
+                raise ValueError(f"--stop_at_exact_match ({self.stop_at_exact_match}) must be in (0, 1], e.g. 0.95; "
+                                 "leave it unset to train for max_steps.")
+            if self.eval_strategy == "no" or self.eval_generation_samples == 0:
+                raise ValueError(f"--stop_at_exact_match ({self.stop_at_exact_match}) is checked at evaluations "
+                                 "that answer by generation: set --eval_strategy steps --eval_steps N and "
+                                 "--eval_generation_samples > 0.")
         if self.dataloader_persistent_workers:
             raise ValueError(
                 "dataloader_persistent_workers=True would freeze the collator's epoch inside the workers, so every "

@@ -1,4 +1,5 @@
-"""Run guards: SIGTERM saves a checkpoint and stops (`--save_on_interrupt`), and a run that took no step fails.
+"""Run guards: SIGTERM saves a checkpoint and stops (`--save_on_interrupt`), a run that took no step fails, and a
+run stops once held-out exact match reaches a target (`--stop_at_exact_match`).
 
 Schedulers (SLURM, Kubernetes) send SIGTERM and kill the job a grace period later. With `--save_on_interrupt`
 the handler only records the signal; the current optimizer step finishes, then every rank agrees (one all-reduce
@@ -70,3 +71,19 @@ def no_step_message(trainer) -> str:
             f"x {trainer.parallel_state.dp_size} data replicas, --max_steps {args.max_steps}, --num_train_epochs "
             f"{args.num_train_epochs}, --dataloader_drop_last {args.dataloader_drop_last}; nothing was trained or "
             "saved. Give more documents, or lower the batch size or gradient accumulation.")
+
+
+class StopAtExactMatch(TrainerCallback):
+    """Stop at the first evaluation whose `*_exact_match` is >= `target` (every rank sees the same reduced
+    metrics, so every rank stops at the same step)."""
+
+    def __init__(self, target: float):
+        self.target = target
+        self.stopped_at: tuple[int, float] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        reached = [value for name, value in (metrics or {}).items()
+                   if name.endswith("_exact_match") and value >= self.target]
+        if reached and state.global_step < state.max_steps:
+            self.stopped_at = (state.global_step, reached[0])
+            control.should_training_stop = True

@@ -35,13 +35,13 @@ from ..parallel.ulysses import apply_sequence_parallel, base_backend
 from ..paths import check_pretrained_source, load_pretrained
 from .checkpoints import (is_disk_full, mark_complete, model_shapes, newest_complete_checkpoint,
                           resolve_resume_checkpoint, rotate, save_failure_message, unmark, write_model_shapes)
-from .components import (build_collator, check_attention_backend, check_special_ids_embed, has_given_noise,
-                         resolve_mask_token_id)
+from .components import (build_collator, check_attention_backend, check_generation_eval, check_special_ids_embed,
+                         has_given_noise, resolve_mask_token_id)
 from .config import DiffusionTrainingArguments
 from .evaluation import evaluate_elbo, evaluate_generation
 from .flops import batch_training_flops, peak_bf16_flops
 from .forward import DiffusionObjective, diffusion_step
-from .guards import INTERRUPTED_EXIT_STATUS, SaveOnInterrupt, StepCounter, no_step_message
+from .guards import INTERRUPTED_EXIT_STATUS, SaveOnInterrupt, StepCounter, StopAtExactMatch, no_step_message
 from .lora import apply_lora, base_model, checkpoint_key, initial_adapter_value
 from .metrics import STREAM_METRICS, MetricWindow
 from .precision import use_autocast_experts
@@ -102,6 +102,7 @@ class DiffusionTrainer(Trainer):
             eval_dataset = {name: self._prepare(ds, tokenizer, args, f"eval/{name}") for name, ds in eval_dataset.items()}
         else:
             eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        check_generation_eval(args, eval_dataset)
         if args.complementary_masking and has_given_noise(train_dataset):
             raise ValueError("complementary_masking=True cannot apply to a dataset that brings its own "
                              "noisy_input_ids; set complementary_masking=False.")
@@ -136,6 +137,8 @@ class DiffusionTrainer(Trainer):
             self._interrupt = SaveOnInterrupt(
                 any_rank=lambda flag: bool(self._reduce_sum(torch.tensor(float(flag))).item() > 0))
             self.add_callback(self._interrupt)
+        if self.args.stop_at_exact_match is not None:
+            self.add_callback(StopAtExactMatch(self.args.stop_at_exact_match))
 
     # --- parallelism ------------------------------------------------------------------------------------------
 
