@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +224,16 @@ def test_log_level_reaches_transformers_and_our_loggers(tmp_path):
     assert levels["info"][0] == ["20", "20"] and levels["error"][0] == ["40", "40"]
     assert "No --config" in levels["info"][1]  # our warning shows at info ...
     assert "No --config" not in levels["error"][1]  # ... and is silenced at error
+
+
+def test_mfu_is_logged_against_a_known_peak_only():
+    from dfactory_hf.trainer.flops import PEAK_BF16_TFLOPS
+    from dfactory_hf.trainer.metrics import MetricWindow
+
+    window = MetricWindow()
+    window.add_flops(1e11)
+    time.sleep(0.05)  # a window of >= 50 ms: at most 1 TFLOP/s per device
+    known = window.summary(num_devices=2, peak_flops=PEAK_BF16_TFLOPS["H100"] * 1e12)
+    unknown = window.summary(num_devices=2, peak_flops=None)  # CPU, or a device not in the table
+    assert known["mfu"] == pytest.approx(known["tflops_per_device"] / PEAK_BF16_TFLOPS["H100"], rel=1e-6)
+    assert 0 < known["mfu"] < 1 and "mfu" not in unknown and unknown["tflops_per_device"] > 0

@@ -11,8 +11,10 @@ Three layouts of the routed experts of MoE layer `l` (`I` = moe_intermediate_siz
 `from_pretrained` loads any of them through transformers' checkpoint conversion mapping (registered below for
 `model_type="llada2_moe"`), after checking every tensor's presence and shape from the safetensors headers
 (validation.py) so a bad checkpoint fails with the key and both shapes instead of loading re-initialised tensors. `save_pretrained`
-always writes the hub layout and, when the source directory had modeling `*.py` files and the config an
-`auto_map`, copies them alongside so the hub's remote code still loads the result.
+always writes the hub layout and, when the source (a directory, or a hub id through huggingface_hub's cache) had
+modeling `*.py` files and the config an `auto_map`, copies them alongside so the hub's remote code still loads
+the result; a `generation_config.json` (block-diffusion decoding defaults) is read into `model.generation_config`
+and written back.
 
 `convert_checkpoint` (CLI: `dfactory-hf convert --to {hub,merged} SRC DST`) rewrites a checkpoint directory
 tensor by tensor without building the model, one layer's experts in memory at a time.
