@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dfactory_hf import generate
 from dfactory_hf.cli import main as cli_main
-from dfactory_hf.recipes.sft import DEMO_RECIPE, parse_arguments
+from dfactory_hf.recipes.sft import DEMO_RECIPE, parse_arguments, trains_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--max_steps", "2", "--logging_steps", "1", "--num_train_samples", "32", "--num_test_samples", "4",
@@ -51,6 +51,9 @@ def test_demo_recipe_applies_to_the_demo_model_only(tmp_path):
                                 "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "d"),
                                 "--bf16", "false"])
     assert given.learning_rate == 1e-5  # an explicit recipe is used as given
+    for spelling in (["--model-name-or-path", "x"], ["--model_name_or_path=x"], ["--model_name", "x"]):
+        assert not trains_demo_model(spelling), spelling  # every spelling the parser itself takes
+    assert trains_demo_model(["--model_config_overrides", '{"num_hidden_layers": 2}', "--max_steps", "2"])
 
 
 def test_dfactory_hf_train_runs_the_demo_and_logs_to_tensorboard(tmp_path, capsys):

@@ -16,7 +16,6 @@ recipe.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import logging
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict, load_dataset
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, HfArgumentParser
 from trl import TrlParser
 
 # The demo's data and tokenizer (kept together: the one place that names them).
@@ -151,10 +150,8 @@ def parse_config_overrides(text: str | None) -> dict:
 
 def trains_demo_model(argv: list[str]) -> bool:
     """True when the command line builds the shipped demo model from scratch (the one the demo recipe is for)."""
-    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    peek.add_argument("--model_name_or_path")
-    peek.add_argument("--model_config", default=DEMO_MODEL_CONFIG)
-    known, _ = peek.parse_known_args(argv)
+    # This script's own flags only (spellings and abbreviations as the full parser takes them), nothing built.
+    known, _ = HfArgumentParser(ScriptArguments, add_help=False).parse_known_args(argv)
     return not known.model_name_or_path and known.model_config == DEMO_MODEL_CONFIG
 
 
@@ -217,7 +214,7 @@ def build_trainer(script: ScriptArguments, args: DiffusionTrainingArguments) -> 
     model, tokenizer = load_model_and_tokenizer(script, args)
     return DiffusionTrainer(model=model, args=args, train_dataset=data[script.dataset_train_split],
                             eval_dataset=data.get(script.dataset_test_split), processing_class=tokenizer,
-                            base_model=script.base_model, data_sources=script.data_sources)
+                            base_model_name=script.base_model, data_sources=script.data_sources)
 
 
 def results_table(rows: list[tuple[str, str]]) -> str:

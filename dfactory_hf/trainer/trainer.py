@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from ..data.collators import edit_token_ids
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
+from ..logs import apply_log_level, keep_tensorboard_in_output_dir
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
 from ..parallel.expert import apply_expert_parallel, check_expert_parallel
 from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_layout,
@@ -32,7 +33,6 @@ from ..parallel.loading import RankZeroBroadcastLoader, wants_rank0_loading
 from ..parallel.sequence import SequenceShard
 from ..parallel.state import ParallelState
 from ..parallel.ulysses import apply_sequence_parallel, base_backend
-from ..logs import apply_log_level, keep_tensorboard_in_output_dir
 from ..paths import check_pretrained_source, load_pretrained
 from .checkpoints import (is_disk_full, mark_complete, model_shapes, newest_complete_checkpoint,
                           resolve_resume_checkpoint, rotate, save_failure_message, unmark, write_model_shapes)
@@ -57,9 +57,9 @@ class DiffusionTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, *, base_model: str | None = None,
+                 processing_class=None, peft_config=None, *, base_model_name: str | None = None,
                  data_sources: list[str] | None = None, **kwargs):
-        """base_model / data_sources: what the saved model cards name as the start and the data of the run
+        """base_model_name / data_sources: what the saved model cards name as the start and the data of the run
         (default: the model's `name_or_path`; none)."""
         if args is None:
             args = DiffusionTrainingArguments(output_dir="outputs/dfactory_hf")
@@ -76,7 +76,7 @@ class DiffusionTrainer(Trainer):
         if processing_class is None:
             raise ValueError("DiffusionTrainer needs processing_class=<tokenizer> (mask, EOS and pad tokens).")
         tokenizer = processing_class
-        self.base_model_description = base_model or getattr(getattr(model, "config", None), "_name_or_path", "")
+        self.base_model_description = base_model_name or getattr(getattr(model, "config", None), "_name_or_path", "")
         self.data_sources = list(data_sources or [])
         self.mask_token_id = resolve_mask_token_id(args, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
