@@ -28,10 +28,10 @@ def apply_log_level(args) -> int:
     hf_logging.set_verbosity(level)
     library = logging.getLogger(LIBRARY_LOGGER)
     library.setLevel(level)
-    if not library.handlers:
+    if not library.handlers and not logging.getLogger().handlers:
         # As transformers does for its own tree: a stderr handler, so INFO shows when asked for (Python's
-        # last-resort handler prints WARNING and above only). Records still propagate (pytest's caplog, a
-        # user's logging config).
+        # last-resort handler prints WARNING and above only); not when the root logger has handlers (a user's
+        # logging config, pytest's capture), which print our records already: they still propagate.
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
         library.addHandler(handler)

@@ -56,6 +56,12 @@ def test_demo_recipe_applies_to_the_demo_model_only(tmp_path):
     assert trains_demo_model(["--model_config_overrides", '{"num_hidden_layers": 2}', "--max_steps", "2"])
 
 
+def test_dfactory_hf_train_refuses_bad_input_with_one_line(tmp_path, capsys):
+    assert cli_main(["train", "--output_dir", str(tmp_path / "o"), "--model_config", "huge"]) == 2
+    assert capsys.readouterr().err.startswith("dfactory-hf train: error: --model_config ('huge') must be one of")
+    assert not (tmp_path / "o").exists()
+
+
 def test_dfactory_hf_train_runs_the_demo_and_logs_to_tensorboard(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
