@@ -1,5 +1,6 @@
 """`dfactory-hf` command line.
 
+    dfactory-hf train [--config recipe.yaml] [flags]   block-diffusion SFT (the demo without arguments)
     dfactory-hf convert --to {hub,merged} SRC DST     rewrite a LLaDA2-MoE checkpoint's expert layout
     dfactory-hf generate --model PATH --prompt "..."  block-diffusion generation, printing each committed block
 """
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfactory-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    # Listed for --help; its arguments are the trainer's own (TrlParser), so main() hands them over unparsed.
+    commands.add_parser("train", add_help=False, help="block-diffusion SFT: `dfactory-hf train --help` for the flags")
 
     convert = commands.add_parser("convert", help="rewrite a checkpoint's expert layout (no model is built)")
     convert.add_argument("--to", required=True, choices=["hub", "merged"],
@@ -43,7 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train(argv: list[str]) -> int:
+    from .recipes.sft import main as train_main
+
+    try:
+        train_main(argv)
+    except ValueError as error:
+        print(f"dfactory-hf train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return _train(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -27,12 +27,15 @@ def add_generate_command(subparsers) -> None:
     command.add_argument("--prompt", action="append", required=True,
                          help="user message; repeat the flag to decode several prompts as one batch")
     command.add_argument("--system", help="optional system message put before every prompt")
-    command.add_argument("--gen_length", type=int, default=256, help="most tokens generated per prompt")
-    command.add_argument("--block_length", type=int, default=32,
-                         help="tokens per diffusion block (the training block size)")
-    command.add_argument("--steps", type=int, default=32, help="most denoising steps per block")
-    command.add_argument("--threshold", type=float, default=0.95,
-                         help="commit a position early once its token's probability exceeds this, in (0, 1]")
+    # Unset: the checkpoint's generation_config.json (what DiffusionTrainer saved), else REFERENCE 3's defaults.
+    saved = " (default: the checkpoint's generation_config.json, else {})"
+    command.add_argument("--gen_length", type=int, help="most tokens generated per prompt" + saved.format(256))
+    command.add_argument("--block_length", type=int,
+                         help="tokens per diffusion block, the training block size" + saved.format(32))
+    command.add_argument("--steps", type=int, help="most denoising steps per block" + saved.format(32))
+    command.add_argument("--threshold", type=float,
+                         help="commit a position early once its token's probability exceeds this, in (0, 1]"
+                              + saved.format(0.95))
     command.add_argument("--edit_threshold", type=float,
                          help="draft-and-edit decoding (LLaDA2.1): also rewrite a filled position of the current "
                               "block when the model's token differs with probability above this, in (0, 1]; "

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
+from .defaults import resolve_decoding_args
 from .decoding import pick_tokens, select_positions_to_commit, select_positions_to_edit, transfer_schedule
 from .validation import check_attention_backend, check_prompt_lengths, normalize_prompts, validate_generation_args
 
@@ -274,15 +275,15 @@ def generate(
     model,
     prompt_ids: Sequence[Sequence[int]] | torch.Tensor,
     *,
-    gen_length: int,
-    block_length: int = 32,
-    steps: int = 32,
-    threshold: float = 0.95,
+    gen_length: int | None = None,
+    block_length: int | None = None,
+    steps: int | None = None,
+    threshold: float | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | None,
-    mask_token_id: int,
+    mask_token_id: int | None = None,
     eos_early_stop: bool = False,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
@@ -316,9 +317,16 @@ def generate(
     more than without editing when its drafts are right, and the cache then saves the append pass.
     Earlier blocks are never revised (multi-block editing is not implemented).
 
+    gen_length / block_length / steps / threshold / mask_token_id left unset: the checkpoint's
+    generation_config.json (written by DiffusionTrainer, attached at from_pretrained), else REFERENCE 3's defaults
+    (defaults.py).
+
     The model runs in eval mode under no_grad (its training mode is restored afterwards) with 4D boolean
     block-causal masks, so its attention implementation must be sdpa or eager.
     """
+    gen_length, block_length, steps, threshold, mask_token_id = resolve_decoding_args(
+        model, gen_length=gen_length, block_length=block_length, steps=steps, threshold=threshold,
+        mask_token_id=mask_token_id).values()
     validate_generation_args(
         gen_length=gen_length,
         block_length=block_length,

@@ -19,6 +19,7 @@ from ..diffusion.loss import LOSS_WEIGHTING_MODES
 from ..diffusion.noise import validate_edit_noise_rate, validate_noise_range
 from ..parallel.state import ParallelSizes
 from .checkpoints import check_resume_path
+from .profiling import parse_profile_steps
 
 OVERLONG_POLICIES = ("skip", "truncate")
 
@@ -260,6 +261,12 @@ class DiffusionTrainingArguments(TrainingArguments):
                           "step, save a checkpoint in output_dir and exit with status 143; resume with "
                           "--resume_from_checkpoint last."},
     )
+    profile_steps: str | None = field(
+        default=None,
+        metadata={"help": "'a-b' (0 <= a <= b): record optimizer steps a to b (counted from 0, as global_step "
+                          "before the step) with torch.profiler and write a Chrome trace per rank to "
+                          "output_dir/profile/trace_steps_a-b_rank<r>.json. Unset = no profiling."},
+    )
 
     def __post_init__(self):
         # Our collators emit columns the model's forward does not name (prompt_length, noisy_input_ids, ...).
@@ -378,6 +385,11 @@ class DiffusionTrainingArguments(TrainingArguments):
         if not (math.isfinite(self.router_bias_update_rate) and self.router_bias_update_rate >= 0):
             raise ValueError(f"--router_bias_update_rate ({self.router_bias_update_rate}) must be >= 0 (0 = off); "
                              "1e-3 is a common choice.")
+        profiled = parse_profile_steps(self.profile_steps)
+        if profiled and self.max_steps > 0 and profiled[1] >= self.max_steps:
+            raise ValueError(f"--profile_steps ({self.profile_steps}) reaches past the last optimizer step "
+                             f"({self.max_steps - 1} with --max_steps {self.max_steps}, counted from 0); use a range "
+                             f"within 0-{self.max_steps - 1}.")
         if self.use_peft and self.lora_r <= 0:
             raise ValueError(f"lora_r ({self.lora_r}) must be > 0 with use_peft.")
         if self.use_peft and self.lora_alpha <= 0:

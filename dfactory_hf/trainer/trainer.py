@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from ..data.collators import edit_token_ids
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
+from ..logs import apply_log_level, keep_tensorboard_in_output_dir
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
 from ..parallel.expert import apply_expert_parallel, check_expert_parallel
 from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_layout,
@@ -42,9 +43,11 @@ from .evaluation import evaluate_elbo, evaluate_generation
 from .flops import batch_training_flops, peak_bf16_flops
 from .forward import DiffusionObjective, diffusion_step
 from .guards import INTERRUPTED_EXIT_STATUS, SaveOnInterrupt, StepCounter, StopAtExactMatch, no_step_message
+from .hub import save_run_files
 from .lora import apply_lora, base_model, checkpoint_key, initial_adapter_value
 from .metrics import STREAM_METRICS, MetricWindow
 from .precision import use_autocast_experts
+from .profiling import ProfileSteps, parse_profile_steps
 from .router import RouterLoad
 
 
@@ -54,10 +57,14 @@ class DiffusionTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, **kwargs):
+                 processing_class=None, peft_config=None, *, base_model_name: str | None = None,
+                 data_sources: list[str] | None = None, **kwargs):
+        """base_model_name / data_sources: what the saved model cards name as the start and the data of the run
+        (default: the model's `name_or_path`; none)."""
         if args is None:
             args = DiffusionTrainingArguments(output_dir="outputs/dfactory_hf")
         args = DiffusionTrainingArguments.from_training_arguments(args)
+        apply_log_level(args)  # our loggers too, and before the data work (Trainer sets transformers' later)
         if isinstance(model, str):
             model_path = model
             check_pretrained_source("model", model_path, "model")
@@ -69,6 +76,8 @@ class DiffusionTrainer(Trainer):
         if processing_class is None:
             raise ValueError("DiffusionTrainer needs processing_class=<tokenizer> (mask, EOS and pad tokens).")
         tokenizer = processing_class
+        self.base_model_description = base_model_name or getattr(getattr(model, "config", None), "_name_or_path", "")
+        self.data_sources = list(data_sources or [])
         self.mask_token_id = resolve_mask_token_id(args, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._model_vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -130,6 +139,7 @@ class DiffusionTrainer(Trainer):
         self.router_load = RouterLoad(self.accelerator.unwrap_model(self.model),
                                       rate=self.args.router_bias_update_rate, reduce_sum=self._reduce_sum)
         self.add_callback(_RouterStep(self.router_load))
+        keep_tensorboard_in_output_dir(self)  # --report_to tensorboard under output_dir, evaluate() first or not
         self._step_counter = StepCounter()
         self.add_callback(self._step_counter)
         self._interrupt = None
@@ -139,6 +149,8 @@ class DiffusionTrainer(Trainer):
             self.add_callback(self._interrupt)
         if self.args.stop_at_exact_match is not None:
             self.add_callback(StopAtExactMatch(self.args.stop_at_exact_match))
+        if self.args.profile_steps:
+            self.add_callback(ProfileSteps(*parse_profile_steps(self.args.profile_steps)))
 
     # --- parallelism ------------------------------------------------------------------------------------------
 
@@ -353,6 +365,8 @@ class DiffusionTrainer(Trainer):
             self.args.save_total_limit = limit
         self.parallel_state.barrier()
         if self.args.should_save:
+            if self.is_fsdp_enabled:  # sharded checkpoints do not go through _save
+                save_run_files(self, checkpoint_dir)
             mark_complete(checkpoint_dir, global_step=self.state.global_step, layout=self._checkpoint_layout())
             rotate(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
         self.parallel_state.barrier()
@@ -372,6 +386,18 @@ class DiffusionTrainer(Trainer):
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=base_model(self.model) is not self.model))
         self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
         self.parallel_state.barrier()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Every saved model folder (final save, checkpoints, the one push_to_hub uploads) also gets the run's
+        # block-diffusion decoding defaults and a model card naming base model, data and recipe (hub.py).
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            save_run_files(self, output_dir if output_dir is not None else self.args.output_dir)
+
+    def create_model_card(self, **kwargs) -> None:
+        # Trainer's card knows neither the diffusion recipe nor our data sources; push_to_hub calls this.
+        if self.is_world_process_zero():
+            save_run_files(self, self.args.output_dir, **kwargs)
 
     def _loads_hub_layout(self, model) -> bool:
         return (isinstance(model, LLaDA2MoePreTrainedModel) and not self.is_fsdp_enabled

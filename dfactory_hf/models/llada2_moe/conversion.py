@@ -11,8 +11,10 @@ Three layouts of the routed experts of MoE layer `l` (`I` = moe_intermediate_siz
 `from_pretrained` loads any of them through transformers' checkpoint conversion mapping (registered below for
 `model_type="llada2_moe"`), after checking every tensor's presence and shape from the safetensors headers
 (validation.py) so a bad checkpoint fails with the key and both shapes instead of loading re-initialised tensors. `save_pretrained`
-always writes the hub layout and, when the source directory had modeling `*.py` files and the config an
-`auto_map`, copies them alongside so the hub's remote code still loads the result.
+always writes the hub layout and, when the source (a directory, or a hub id through huggingface_hub's cache) had
+modeling `*.py` files and the config an `auto_map`, copies them alongside so the hub's remote code still loads
+the result; a `generation_config.json` (block-diffusion decoding defaults) is read into `model.generation_config`
+and written back.
 
 `convert_checkpoint` (CLI: `dfactory-hf convert --to {hub,merged} SRC DST`) rewrites a checkpoint directory
 tensor by tensor without building the model, one layer's experts in memory at a time.
@@ -21,6 +23,7 @@ tensor by tensor without building the model, one layer's experts in memory at a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,6 +39,8 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.mlp\.experts\.)(?P<rest>.+)$")
 _HUB_REST = re.compile(r"^(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+logger = logging.getLogger(__name__)
 
 
 def hub_expert_conversions() -> list[WeightConverter]:
@@ -183,14 +188,54 @@ class LLaDA2MoeCheckpointMixin:
                 config = cls.config_class.from_pretrained(config or directory)
             if any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
                 validate_checkpoint_tensors(readable_shapes(directory), config, cls, source=str(directory))
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) on request
+        source = str(pretrained_model_name_or_path)
+        hub = dict(revision=kwargs.get("revision") or getattr(model.config, "_commit_hash", None),
+                   cache_dir=kwargs.get("cache_dir"))
+        # Not a GenerationMixin, so transformers does not read generation_config.json: the block-diffusion decoding
+        # defaults DiffusionTrainer saved there, which generate() reads from here (generation/defaults.py).
+        model.generation_config = _saved_generation_config(source, **hub)
+        if getattr(model.config, "auto_map", None) and not Path(source).is_dir():
+            # Loaded by hub id with our classes, so transformers fetched no remote code; the saved config keeps
+            # its auto_map, so the files it names come along from the hub's cache (downloaded if not there).
+            model._remote_code_directory = _remote_code_snapshot(source, **hub)
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Whatever layout it was loaded from, write the hub's per-expert layout.
         self._weight_conversions = hub_expert_conversions()
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            copy_remote_code(getattr(self.config, "_name_or_path", ""), save_directory, self.config)
+            source = getattr(self, "_remote_code_directory", None) or getattr(self.config, "_name_or_path", "")
+            copy_remote_code(source, save_directory, self.config)
+            if getattr(self, "generation_config", None) is not None:
+                self.generation_config.save_pretrained(save_directory)
+
+
+def _saved_generation_config(source: str, **hub):
+    from transformers import GenerationConfig
+
+    if Path(source).is_dir() and not (Path(source) / "generation_config.json").is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(source, **hub)
+    except OSError:  # no generation_config.json in the hub repo (or not reachable): the built-in defaults apply
+        return None
+
+
+def _remote_code_snapshot(repo_id: str, **hub) -> str | None:
+    """The local folder of the hub repo's `*.py` files (huggingface_hub's cache), or None with a warning."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.py"], **hub)
+    except (OSError, EntryNotFoundError) as error:
+        logger.warning("%s: its config.json names remote code (auto_map) but the *.py files could not be fetched "
+                       "(%s); checkpoints saved from it load with `import dfactory_hf`, not with "
+                       "trust_remote_code=True alone.", repo_id, str(error).splitlines()[0] if str(error) else error)
+        return None
 
 
 def copy_remote_code(source_directory, save_directory, config) -> list[str]:
