@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     end_metrics = trainer.evaluate() if eval_split is not None else {}
     trainer.save_model(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history that `dfactory-hf plot OUTPUT_DIR` draws
 
     results = {"train_loss": train_output.training_loss, **{f"start_{k}": v for k, v in start_metrics.items()},
                **end_metrics}
