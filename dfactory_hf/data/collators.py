@@ -222,7 +222,8 @@ def supervisable_positions(feature: dict, num_tokens: int) -> torch.Tensor | Non
         return None
     if len(assistant_masks) != num_tokens:
         raise ValueError(f"Document {feature.get('sample_index')} has {len(assistant_masks)} assistant_masks values "
-                         f"for {num_tokens} tokens; build datasets with dfactory_hf.data.preprocessing.prepare_dataset.")
+                         f"for {num_tokens} tokens; build datasets with "
+                         "dfactory_hf.data.preprocessing.prepare_dataset.")
     return torch.as_tensor(assistant_masks, dtype=torch.bool)
 
 

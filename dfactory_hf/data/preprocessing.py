@@ -333,7 +333,8 @@ class DocumentBuilder:
         if len(input_ids) > self.max_seq_len:
             if self.overlong_policy == "skip":
                 raise SkipRow(f"document longer than max_seq_len ({self.max_seq_len})")
-            input_ids, assistant_masks, truncated = input_ids[: self.max_seq_len], assistant_masks[: self.max_seq_len], True
+            input_ids, assistant_masks = input_ids[: self.max_seq_len], assistant_masks[: self.max_seq_len]
+            truncated = True
         fill = -len(input_ids) % self.block_size
         input_ids = input_ids + [self.eos_token_id] * fill
         assistant_masks = assistant_masks + assistant_masks[-1:] * fill  # the fill continues the last turn
