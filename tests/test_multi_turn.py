@@ -173,3 +173,15 @@ def test_the_trainer_supervises_every_assistant_turn_by_default(tmp_path):
     assert supervised["all"] == {*chars("24"), EOS}  # both answers, never a user token
     assert supervised["last"] == {*chars("4"), EOS}
     assert by_mode["all"].train().training_loss > 0
+
+
+def test_the_elbo_counts_only_assistant_tokens(tmp_path):
+    from trainer_helpers import demo_trainer
+
+    # At t = 1 every supervisable token is masked, so the ELBO's per-token term equals the loss at t = 1 exactly
+    # when its normaliser counts the assistant tokens (and not the user turns between them).
+    chats = Dataset.from_list([{"messages": messages()}] * 4)
+    trainer = demo_trainer(tmp_path, data={"train": chats, "test": chats}, eval_mask_rates=[1.0])
+    assert "assistant_masks" in trainer.eval_dataset.column_names
+    metrics = trainer.evaluate()
+    assert metrics["eval_elbo_nll"] == pytest.approx(metrics["eval_loss_t1"], rel=1e-6)
