@@ -185,3 +185,13 @@ def test_the_elbo_counts_only_assistant_tokens(tmp_path):
     assert "assistant_masks" in trainer.eval_dataset.column_names
     metrics = trainer.evaluate()
     assert metrics["eval_elbo_nll"] == pytest.approx(metrics["eval_loss_t1"], rel=1e-6)
+
+
+def test_pre_tokenized_rows_may_carry_their_own_assistant_masks(tokenizer):
+    input_ids, assistant_masks, prompt_length = expected_three_turn_document()
+    row = {"input_ids": input_ids, "prompt_length": prompt_length, "assistant_masks": assistant_masks}
+    bad = {"input_ids": input_ids, "prompt_length": prompt_length, "assistant_masks": [1] * len(input_ids)}
+    documents, report = prepare_dataset(Dataset.from_list([row, bad]), tokenizer, block_size=4, max_seq_len=128,
+                                        mask_token_id=MASK)
+    assert (documents[0]["input_ids"], documents[0]["assistant_masks"]) == (input_ids, assistant_masks)
+    assert dict(report.skipped) == {"assistant_masks marks a prompt token (before prompt_length)": 1}

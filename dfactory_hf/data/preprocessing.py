@@ -7,7 +7,7 @@ Accepted row formats, detected from the column names:
 | chat | `messages` | the turns before the first supervised assistant turn / every assistant turn from there on |
 | ShareGPT | `conversations` (`from`/`value`, roles human/gpt) | as chat, once converted to `messages` |
 | prompt-completion | `prompt`, `completion` | strings, or message lists (chat template applied, as in TRL) |
-| pre-tokenized | `input_ids`, `prompt_length` (+ optional `noisy_input_ids`, `labels`) | as given |
+| pre-tokenized | `input_ids`, `prompt_length` (+ optional `noisy_input_ids`, `labels`, `assistant_masks`) | as given |
 | text | `text` | none / the whole text |
 
 Multi-turn chats (`supervise_turns`): "all" (default) supervises every assistant turn of `messages` /
@@ -247,7 +247,7 @@ class DocumentBuilder:
         noisy = row.get("noisy_input_ids")
         if noisy is None:
             response = input_ids[prompt_length:]
-            return self._document(input_ids[:prompt_length], response)
+            return self._document(input_ids[:prompt_length], response, _given_assistant_masks(row, prompt_length))
         # The path-distillation format: noise given, used as is (no EOS appended), only block-filled.
         noisy = _integers(noisy, "noisy_input_ids")
         labels = row.get("labels")
@@ -344,6 +344,19 @@ class DocumentBuilder:
         # mask is the default one and gives the single-turn noise exactly.
         return {"input_ids": input_ids, "prompt_length": len(prompt_ids), "truncated": truncated,
                 "assistant_masks": assistant_masks, "multi_turn": not all(assistant_masks[len(prompt_ids):])}
+
+
+def _given_assistant_masks(row: dict, prompt_length: int) -> list[int] | None:
+    """A pre-tokenized row's own `assistant_masks` (TRL's `return_assistant_tokens_mask` output), over the response."""
+    masks = row.get("assistant_masks")
+    if masks is None or len(masks) == 0:
+        return None
+    masks = _integers(masks, "assistant_masks")
+    if len(masks) != len(row["input_ids"]) or any(m not in (0, 1) for m in masks):
+        raise SkipRow("assistant_masks is not one 0/1 value per input_ids token")
+    if any(masks[:prompt_length]):
+        raise SkipRow("assistant_masks marks a prompt token (before prompt_length)")
+    return masks[prompt_length:]
 
 
 def _sharegpt_messages(conversations) -> list:
