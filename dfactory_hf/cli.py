@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, ImportError) as error:  # bad input, or an optional dependency (matplotlib) missing
+    except ValueError as error:
+        print(f"dfactory-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        if not hasattr(error, "extra"):  # a real import bug, not an optional dependency left out (plots.py)
+            raise
         print(f"dfactory-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

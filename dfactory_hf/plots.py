@@ -24,13 +24,21 @@ TRACE_ROW_SIZE = (9.0, 3.0)  # 900 x 300 per prompt
 MAX_LABELLED_TOKENS = 64  # longer answers get no token labels (unreadable)
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; `extra` names the pip extra that brings it."""
+
+    def __init__(self, message: str, *, extra: str):
+        super().__init__(message)
+        self.extra = extra
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or an error naming the extra to install."""
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("dfactory_hf's pictures need matplotlib, which is not installed; install the plot extra: "
-                          "pip install 'dfactory_hf[plot]' (or pip install matplotlib)") from None
+        raise MissingExtraError("dfactory_hf's pictures need matplotlib, which is not installed; install the plot extra: "
+                          "pip install 'dfactory_hf[plot]' (or pip install matplotlib)", extra="plot") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
