@@ -3,6 +3,10 @@
     dfactory-hf train [--config recipe.yaml] [flags]   block-diffusion SFT (the demo without arguments)
     dfactory-hf convert --to {hub,merged} SRC DST     rewrite a LLaDA2-MoE checkpoint's expert layout
     dfactory-hf generate --model PATH --prompt "..."  block-diffusion generation, printing each committed block
+    dfactory-hf plot OUTPUT_DIR [--out FILE]          PNG of a run's loss, masked-token accuracy and eval curves
+    dfactory-hf show-mask --lengths 12 8 --block_size 4   PNG of the block-diffusion mask of a packed row
+
+The pictures need matplotlib: pip install 'dfactory_hf[plot]'.
 """
 
 from __future__ import annotations
@@ -22,6 +26,43 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import plot_training_curves
+
+    out = args.out or f"{args.output_dir.rstrip('/')}/training_curves.png"
+    print(f"wrote {plot_training_curves(args.output_dir, out)}")
+    return 0
+
+
+def _show_mask(args: argparse.Namespace) -> int:
+    from .plots import plot_attention_mask
+
+    out = plot_attention_mask(args.lengths, block_size=args.block_size, out=args.out, row_length=args.row_length,
+                              block_diffusion=not args.full_attention)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_picture_commands(commands) -> None:
+    plot = commands.add_parser("plot", help="PNG of a run's training and eval curves (from trainer_state.json)")
+    plot.add_argument("output_dir", metavar="OUTPUT_DIR",
+                      help="a run's --output_dir or one of its checkpoint-N folders (the latest checkpoint's "
+                           "trainer_state.json when the run folder has none)")
+    plot.add_argument("--out", help="PNG to write (default: OUTPUT_DIR/training_curves.png)")
+    plot.set_defaults(handler=_plot)
+
+    show_mask = commands.add_parser("show-mask", help="PNG of the block-diffusion attention mask of a packed row")
+    show_mask.add_argument("--lengths", type=int, nargs="+", required=True,
+                           help="the lengths of the documents packed into the row (multiples of --block_size)")
+    show_mask.add_argument("--block_size", type=int, required=True, help="diffusion block size, in tokens")
+    show_mask.add_argument("--row_length", type=int, help="row length with padding after the documents "
+                                                          "(default: the sum of --lengths)")
+    show_mask.add_argument("--full_attention", action="store_true",
+                           help="draw the full-attention (MDLM) mask over x_t instead of block diffusion")
+    show_mask.add_argument("--out", default="attention_mask.png", help="PNG to write")
+    show_mask.set_defaults(handler=_show_mask)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfactory-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="new, empty destination directory")
     convert.add_argument("--max_shard_size_gb", type=float, default=5.0, help="largest output shard, in GiB")
     convert.set_defaults(handler=_convert)
+    add_picture_commands(commands)
 
     try:
         from .generation.cli import add_generate_command
@@ -65,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ValueError as error:
+        print(f"dfactory-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        if not hasattr(error, "extra"):  # a real import bug, not an optional dependency left out (plots.py)
+            raise
         print(f"dfactory-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -65,7 +65,7 @@ def test_chat_row_is_prompt_answer_eos_filled_to_block(tokenizer, block_size):
 
 def test_multi_turn_only_last_assistant_turn_is_the_response(tokenizer):
     row = chat(("system", "Be brief."), ("user", "1+1?"), ("assistant", "2"), ("user", "2+2?"), ("assistant", "4"))
-    doc = prepare(tokenizer, [row])[0][0]
+    doc = prepare(tokenizer, [row], supervise_turns="last")[0][0]  # the default, "all", supervises both turns
     prompt = [SYSTEM, *chars("Be brief."), USER, *chars("1+1?"), ASSISTANT, *chars("2"), EOS,
               USER, *chars("2+2?"), ASSISTANT]
     assert doc["prompt_length"] == len(prompt)

@@ -30,6 +30,10 @@ With complementary masking each instance draws its own edits among its own visib
 token is still masked in exactly one instance, and may be edited in the other. Given noise (`noisy_input_ids`
 in the data) is used as given: its supervised positions count as masked where x_t holds the mask token and as
 edited elsewhere.
+
+Multi-turn chats: a document may carry `assistant_masks` (0/1 per token, preprocessing.py; empty = every token from
+`prompt_length` on). Only its 1 positions are masked, edited, complemented or kept-and-supervised; the user turns
+between assistant turns stay clean in x_t like the prompt (`supervisable` in diffusion/noise.py).
 """
 
 from __future__ import annotations
@@ -133,24 +137,30 @@ class DiffusionCollator:
             t = self.fixed_mask_rate
         else:
             t = float(sample_mask_rate(1, self.noise_range_low, self.noise_range_high, generator)[0])
+        supervisable = supervisable_positions(feature, len(x_0))
         x_t, is_masked = mask_document(x_0, prompt_length, t, self.mask_token_id, generator,
-                                       min_masked=self.min_masked_tokens)
-        documents = [self._edited(x_0, x_t, prompt_length, is_masked, t, generator)]
+                                       min_masked=self.min_masked_tokens, supervisable=supervisable)
+        documents = [self._edited(x_0, x_t, prompt_length, is_masked, t, generator, supervisable)]
         if self.complementary_masking:
-            x_t_c, is_masked_c = complementary_pair(x_0, prompt_length, is_masked, self.mask_token_id)
-            documents.append(self._edited(x_0, x_t_c, prompt_length, is_masked_c, complement_mask_rate(t), generator))
+            x_t_c, is_masked_c = complementary_pair(x_0, prompt_length, is_masked, self.mask_token_id,
+                                                    supervisable=supervisable)
+            documents.append(self._edited(x_0, x_t_c, prompt_length, is_masked_c, complement_mask_rate(t), generator,
+                                          supervisable))
         return documents
 
-    def _edited(self, x_0, x_t, prompt_length: int, is_masked, t: float, generator) -> NoisedDocument:
+    def _edited(self, x_0, x_t, prompt_length: int, is_masked, t: float, generator,
+                supervisable: torch.Tensor | None = None) -> NoisedDocument:
         """The document after the optional edit stream (no draw at all when edit_noise_rate is 0)."""
         is_edited = torch.zeros_like(is_masked)
         if self.edit_noise_rate > 0:
             x_t, is_edited = edit_document(x_t, prompt_length, is_masked, self.edit_noise_rate,
-                                           self._edit_token_ids, generator)
+                                           self._edit_token_ids, generator, supervisable=supervisable)
         is_kept = torch.zeros_like(is_masked)
         if self.supervise_kept:
             is_kept[prompt_length:] = True
             is_kept &= ~is_masked & ~is_edited
+            if supervisable is not None:
+                is_kept &= supervisable
         return noised_document(x_0, x_t, is_masked, is_edited, is_kept, t)
 
 
@@ -203,6 +213,18 @@ class PositionIdCollator(DiffusionCollator):
             longest = int((bounds[1:] - bounds[:-1]).max())
             batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
         return batch
+
+
+def supervisable_positions(feature: dict, num_tokens: int) -> torch.Tensor | None:
+    """bool [n] from a document's `assistant_masks` (multi-turn chats), or None: everything after the prompt."""
+    assistant_masks = feature.get("assistant_masks")
+    if not assistant_masks:
+        return None
+    if len(assistant_masks) != num_tokens:
+        raise ValueError(f"Document {feature.get('sample_index')} has {len(assistant_masks)} assistant_masks values "
+                         f"for {num_tokens} tokens; build datasets with "
+                         "dfactory_hf.data.preprocessing.prepare_dataset.")
+    return torch.as_tensor(assistant_masks, dtype=torch.bool)
 
 
 def edit_token_ids(tokenizer, *, vocab_size: int) -> tuple[int, ...]:

@@ -4,10 +4,21 @@ Accepted row formats, detected from the column names:
 
 | format | columns | prompt / response |
 |---|---|---|
-| chat | `messages` | all turns before the last assistant turn / that turn (chat template applied) |
+| chat | `messages` | the turns before the first supervised assistant turn / every assistant turn from there on |
+| ShareGPT | `conversations` (`from`/`value`, roles human/gpt) | as chat, once converted to `messages` |
 | prompt-completion | `prompt`, `completion` | strings, or message lists (chat template applied, as in TRL) |
-| pre-tokenized | `input_ids`, `prompt_length` (+ optional `noisy_input_ids`, `labels`) | as given |
+| pre-tokenized | `input_ids`, `prompt_length` (+ optional `noisy_input_ids`, `labels`, `assistant_masks`) | as given |
 | text | `text` | none / the whole text |
+
+Multi-turn chats (`supervise_turns`): "all" (default) supervises every assistant turn of `messages` /
+`conversations` (of the completion, for conversational prompt-completion: the prompt is never supervised, as in
+TRL); the user and system turns between them stay clean context, marked by the document's `assistant_masks` (1 =
+an assistant token; the EOS the template writes right after a turn belongs to it). "last" supervises only the
+last assistant turn, everything before it being the prompt. A dataset where no document has more than one
+supervised span gets no `assistant_masks` column: its tokens and noise are exactly those of single-turn chats. The
+turns are located by rendering growing prefixes of the conversation with the chat template, which works with any
+template whose render of the first k messages is a prefix of the render of the whole conversation (checked; a row
+where it is not is skipped and counted).
 
 Each document is prompt + response + EOS, EOS-filled to a multiple of `block_size`. Rows with data problems
 (no assistant turn, empty content, missing keys, a value of the wrong type, the mask token or control-token text
@@ -32,6 +43,7 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 from jinja2 import TemplateError
+from trl.data_utils import maybe_convert_to_chatml
 
 from ..diffusion.loss import IGNORE_INDEX
 
@@ -40,8 +52,13 @@ FORMATS = {
     "prompt-completion": ("prompt", "completion"),
     "pre-tokenized": ("input_ids", "prompt_length"),
     "text": ("text",),
+    "sharegpt": ("conversations",),
 }
-
+SUPERVISE_TURNS = ("all", "last")
+# ShareGPT role names -> chat roles. TRL's maybe_convert_to_chatml renames the keys (from/value), not the roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+NOT_A_PREFIX = ("the chat template does not render the first turns as a prefix of the whole conversation, so the "
+                "assistant turns cannot be located (use --supervise_turns last)")
 
 UNSUPERVISED = ("the given noise supervises no position (labels all -100: no mask token in the response of "
                 "noisy_input_ids)")
@@ -105,6 +122,7 @@ class DocumentBuilder:
     row_format: str = "chat"
     model_vocab_size: int | None = None  # ids must embed: [0, model_vocab_size)
     tokenizer_vocab_size: int | None = None  # and decode: [0, len(tokenizer))
+    supervise_turns: str = "all"  # multi-turn chats: every assistant turn, or the last one only
 
     def __post_init__(self):
         # Control tokens other than the mask token (which has its own reason, checked on the ids).
@@ -117,13 +135,15 @@ class DocumentBuilder:
 
     def __call__(self, row: dict, index: int) -> dict:
         out = {"input_ids": [], "prompt_length": 0, "sample_index": index, "skip_reason": "", "truncated": False,
-               "noisy_input_ids": [], "labels": [], "note": ""}
+               "noisy_input_ids": [], "labels": [], "note": "", "assistant_masks": [],
+               "multi_turn": False}
         self._note = ""
         try:
             out.update(self.build(row))
             self._check_vocabulary(out)
         except SkipRow as problem:
-            out.update(input_ids=[], noisy_input_ids=[], labels=[], prompt_length=0, skip_reason=str(problem))
+            out.update(input_ids=[], noisy_input_ids=[], labels=[], assistant_masks=[], prompt_length=0,
+                       skip_reason=str(problem))
         out["note"] = self._note
         out["num_tokens"] = len(out["input_ids"])
         return out
@@ -131,17 +151,20 @@ class DocumentBuilder:
     def build(self, row: dict) -> dict:
         if self.row_format == "pre-tokenized":
             return self._pre_tokenized(row)
+        response_mask = None
         if self.row_format == "chat":
-            prompt_ids, response_ids = self._chat(row.get("messages"))
+            prompt_ids, response_ids, response_mask = self._chat(row.get("messages"))
+        elif self.row_format == "sharegpt":
+            prompt_ids, response_ids, response_mask = self._chat(_sharegpt_messages(row.get("conversations")))
         elif self.row_format == "prompt-completion":
-            prompt_ids, response_ids = self._prompt_completion(row.get("prompt"), row.get("completion"))
+            prompt_ids, response_ids, response_mask = self._prompt_completion(row.get("prompt"), row.get("completion"))
         else:
             prompt_ids, response_ids = [], self._encode(self._plain(_require_text(row.get("text"), "text")))
-        return self._document(prompt_ids, response_ids)
+        return self._document(prompt_ids, response_ids, response_mask)
 
     # --- formats ---------------------------------------------------------------------------------------------
 
-    def _chat(self, messages) -> tuple[list[int], list[int]]:
+    def _chat(self, messages) -> tuple[list[int], list[int], list[int] | None]:
         if not isinstance(messages, list) or not messages:
             raise SkipRow("messages is not a non-empty list")
         messages = self._messages(messages)
@@ -151,31 +174,67 @@ class DocumentBuilder:
         last = assistant_turns[-1]
         if last == 0:
             raise SkipRow("conversation has no prompt before the assistant turn")
-        return self._templated(messages[:last], [messages[last]])
+        turns = [last] if self.supervise_turns == "last" else assistant_turns
+        return self._templated(messages[: last + 1], [(turn, turn + 1) for turn in turns])
 
-    def _prompt_completion(self, prompt, completion) -> tuple[list[int], list[int]]:
+    def _prompt_completion(self, prompt, completion) -> tuple[list[int], list[int], list[int] | None]:
         if isinstance(prompt, list) or isinstance(completion, list):
             if not isinstance(prompt, list) or not isinstance(completion, list) or not prompt or not completion:
                 raise SkipRow("conversational prompt/completion must both be non-empty message lists")
             messages = self._messages(prompt + completion)
-            return self._templated(messages[:len(prompt)], messages[len(prompt):])
+            turns = [i for i in range(len(prompt), len(messages)) if messages[i]["role"] == "assistant"]
+            if self.supervise_turns == "last" or len(turns) < 2:  # the whole completion is the response
+                return self._templated(messages, [(len(prompt), len(messages))])
+            return self._templated(messages[: turns[-1] + 1], [(turn, turn + 1) for turn in turns])
         prompt, completion = _require_text(prompt, "prompt"), _require_text(completion, "completion")
-        return self._encode(self._plain(prompt)), self._encode(self._plain(completion))
+        return self._encode(self._plain(prompt)), self._encode(self._plain(completion)), None
 
-    def _templated(self, prompt_messages: list, response_messages: list) -> tuple[list[int], list[int]]:
-        for message in response_messages:
-            _require_text(message.get("content"), "assistant content")
+    def _templated(self, messages: list, spans: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int] | None]:
+        """Prompt ids, response ids and the response's assistant mask (None: all of it is supervised).
+
+        spans: the supervised message ranges [first, end), in order; the response runs from the first one's
+        start to the end of the render, the text between two spans (user turns) is context."""
+        for first, end in spans:
+            for message in messages[first:end]:
+                _require_text(message.get("content"), "assistant content")
         try:
-            prompt_text = self.tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True,
-                                                             tokenize=False)
-            full_text = self.tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False)
+            full_text = self._render(messages, len(messages), generation_prompt=False)
+            starts = [self._render(messages, first, generation_prompt=True) for first, _ in spans]
+            ends = [self._render(messages, end, generation_prompt=False) for _, end in spans[:-1]]
         except TemplateError:  # e.g. a role the template refuses: a data problem of this row, not of the run
             raise SkipRow("the chat template rejected the conversation") from None
-        if full_text.startswith(prompt_text):
-            response_text = full_text[len(prompt_text):]
-        else:  # a template whose prompt render is not a prefix of the full render: take the content as is
-            response_text = "".join(m["content"] for m in response_messages)
-        return self._encode(prompt_text), self._encode(response_text)
+        if len(spans) == 1:
+            prompt_text = starts[0]
+            if full_text.startswith(prompt_text):
+                response_text = full_text[len(prompt_text):]
+            else:  # a template whose prompt render is not a prefix of the full render: take the content as is
+                response_text = "".join(m["content"] for m in messages[spans[0][0]:])
+            return self._encode(prompt_text), self._encode(response_text), None
+        bounds = []  # character offsets in full_text: supervised [start, end) per span
+        eos = self.tokenizer.eos_token or ""
+        for k, start_text in enumerate(starts):
+            end_text = ends[k] if k < len(ends) else full_text
+            if not (full_text.startswith(start_text) and full_text.startswith(end_text)):
+                raise SkipRow(NOT_A_PREFIX)
+            start, end = len(start_text), len(end_text)
+            if eos and k < len(ends) and full_text.startswith(eos, end):
+                end += len(eos)  # the EOS closing an earlier turn: the model must learn to write it
+            if start > end or (bounds and bounds[-1][1] > start):
+                raise SkipRow(NOT_A_PREFIX)
+            bounds.append((start, end))
+        prompt_ids = self._encode(full_text[: bounds[0][0]])
+        response_ids, response_mask = [], []
+        for k, (start, end) in enumerate(bounds):
+            context_end = bounds[k + 1][0] if k + 1 < len(bounds) else len(full_text)
+            for text, supervised in ((full_text[start:end], 1), (full_text[end:context_end], 0)):
+                ids = self._encode(text) if text else []
+                response_ids += ids
+                response_mask += [supervised] * len(ids)
+        return prompt_ids, response_ids, response_mask
+
+    def _render(self, messages: list, count: int, *, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages[:count], add_generation_prompt=generation_prompt,
+                                                  tokenize=False)
 
     def _pre_tokenized(self, row: dict) -> dict:
         input_ids, prompt_length = _integers(row["input_ids"], "input_ids"), row["prompt_length"]
@@ -188,7 +247,7 @@ class DocumentBuilder:
         noisy = row.get("noisy_input_ids")
         if noisy is None:
             response = input_ids[prompt_length:]
-            return self._document(input_ids[:prompt_length], response)
+            return self._document(input_ids[:prompt_length], response, _given_assistant_masks(row, prompt_length))
         # The path-distillation format: noise given, used as is (no EOS appended), only block-filled.
         noisy = _integers(noisy, "noisy_input_ids")
         labels = row.get("labels")
@@ -258,21 +317,57 @@ class DocumentBuilder:
                 raise SkipRow(f"token id outside the tokenizer's vocabulary (size {self.tokenizer_vocab_size}) in "
                               f"{name}: pre-tokenized with another tokenizer?")
 
-    def _document(self, prompt_ids: list[int], response_ids: list[int]) -> dict:
+    def _document(self, prompt_ids: list[int], response_ids: list[int],
+                  response_mask: list[int] | None = None) -> dict:
+        """response_mask: 1 per supervised response token (multi-turn chats); None = the whole response."""
         if self.mask_token_id in prompt_ids or self.mask_token_id in response_ids:
             raise SkipRow(f"the mask token (id {self.mask_token_id}) appears inside the data")
         if len(prompt_ids) >= self.max_seq_len:
             raise SkipRow(f"prompt longer than max_seq_len ({self.max_seq_len}) leaves no room for a response")
+        response_mask = [1] * len(response_ids) if response_mask is None else list(response_mask)
         if not response_ids or response_ids[-1] != self.eos_token_id:
-            response_ids = response_ids + [self.eos_token_id]
+            response_ids, response_mask = response_ids + [self.eos_token_id], response_mask + [1]
         input_ids = prompt_ids + response_ids
+        assistant_masks = [0] * len(prompt_ids) + response_mask
         truncated = False
         if len(input_ids) > self.max_seq_len:
             if self.overlong_policy == "skip":
                 raise SkipRow(f"document longer than max_seq_len ({self.max_seq_len})")
-            input_ids, truncated = input_ids[: self.max_seq_len], True
-        input_ids = input_ids + [self.eos_token_id] * (-len(input_ids) % self.block_size)
-        return {"input_ids": input_ids, "prompt_length": len(prompt_ids), "truncated": truncated}
+            input_ids, assistant_masks = input_ids[: self.max_seq_len], assistant_masks[: self.max_seq_len]
+            truncated = True
+        fill = -len(input_ids) % self.block_size
+        input_ids = input_ids + [self.eos_token_id] * fill
+        assistant_masks = assistant_masks + assistant_masks[-1:] * fill  # the fill continues the last turn
+        if not any(assistant_masks):
+            raise SkipRow(f"no assistant token within max_seq_len ({self.max_seq_len})")
+        # The mask is kept even for a single span (Arrow needs a typed column from the first rows on); such a
+        # mask is the default one and gives the single-turn noise exactly.
+        return {"input_ids": input_ids, "prompt_length": len(prompt_ids), "truncated": truncated,
+                "assistant_masks": assistant_masks, "multi_turn": not all(assistant_masks[len(prompt_ids):])}
+
+
+def _given_assistant_masks(row: dict, prompt_length: int) -> list[int] | None:
+    """A pre-tokenized row's own `assistant_masks` (TRL's `return_assistant_tokens_mask` output), over the response."""
+    masks = row.get("assistant_masks")
+    if masks is None or len(masks) == 0:
+        return None
+    masks = _integers(masks, "assistant_masks")
+    if len(masks) != len(row["input_ids"]) or any(m not in (0, 1) for m in masks):
+        raise SkipRow("assistant_masks is not one 0/1 value per input_ids token")
+    if any(masks[:prompt_length]):
+        raise SkipRow("assistant_masks marks a prompt token (before prompt_length)")
+    return masks[prompt_length:]
+
+
+def _sharegpt_messages(conversations) -> list:
+    if not isinstance(conversations, list) or not conversations:
+        raise SkipRow("conversations is not a non-empty list")
+    copies = [dict(message) if isinstance(message, dict) else message for message in conversations]
+    messages = maybe_convert_to_chatml({"conversations": copies})["messages"]
+    for message in messages:
+        if isinstance(message, dict) and isinstance(message.get("role"), str):
+            message["role"] = SHAREGPT_ROLES.get(message["role"], message["role"])
+    return messages
 
 
 def _content_text(content) -> str:
@@ -314,22 +409,27 @@ def is_prepared(dataset: Dataset) -> bool:
 
 def prepare_dataset(dataset: Dataset, tokenizer, *, block_size: int, max_seq_len: int, mask_token_id: int,
                     overlong_policy: str = "skip", num_proc: int | None = None, split: str = "train",
-                    model_vocab_size: int | None = None) -> tuple[Dataset, DataReport]:
+                    model_vocab_size: int | None = None, supervise_turns: str = "all") -> tuple[Dataset, DataReport]:
     """Tokenize and build documents; returns the kept documents and the report of what was dropped.
 
-    `model_vocab_size`: rows with ids the model cannot embed are skipped (the embedding would fail mid-run)."""
+    `model_vocab_size`: rows with ids the model cannot embed are skipped (the embedding would fail mid-run).
+    `supervise_turns`: "all" assistant turns of a multi-turn chat, or the "last" one (module docstring)."""
     if is_prepared(dataset):
         return dataset, DataReport(split, len(dataset), len(dataset))
     if len(dataset) == 0:
         raise ValueError(f"The {split} dataset is empty; pass a dataset with at least one row.")
     if block_size <= 0 or max_seq_len % block_size:
         raise ValueError(f"max_seq_len ({max_seq_len}) must be a multiple of block_size ({block_size}).")
+    if supervise_turns not in SUPERVISE_TURNS:
+        raise ValueError(f"supervise_turns ({supervise_turns!r}) must be one of {SUPERVISE_TURNS}: 'all' supervises "
+                         "every assistant turn of a multi-turn chat, 'last' only the last one.")
     row_format = detect_format(dataset.column_names)
     eos_token_id = tokenizer.eos_token_id
     if eos_token_id is None:
         raise ValueError("The tokenizer has no eos_token; set tokenizer.eos_token (responses end with EOS).")
     builder = DocumentBuilder(tokenizer, block_size, max_seq_len, mask_token_id, eos_token_id, overlong_policy,
-                              row_format, model_vocab_size=model_vocab_size, tokenizer_vocab_size=len(tokenizer))
+                              row_format, model_vocab_size=model_vocab_size, tokenizer_vocab_size=len(tokenizer),
+                              supervise_turns=supervise_turns)
     keep = [c for c in ("answer",) if c in dataset.column_names]
     drop = [c for c in dataset.column_names if c not in keep]
     built = dataset.map(builder, with_indices=True, remove_columns=drop, num_proc=num_proc,
@@ -348,7 +448,9 @@ def prepare_dataset(dataset: Dataset, tokenizer, *, block_size: int, max_seq_len
     report.num_truncated = sum(kept["truncated"])
     if report.num_documents == 0:
         raise ValueError(f"No usable rows in the {split} dataset.\n{report.summary()}")
-    extra = ["skip_reason", "truncated", "note"]
+    extra = ["skip_reason", "truncated", "note", "multi_turn"]
+    if not any(kept["multi_turn"]):  # no multi-turn document: the single-turn columns, exactly
+        extra.append("assistant_masks")
     if row_format != "pre-tokenized" or "noisy_input_ids" not in dataset.column_names:
         extra += ["noisy_input_ids", "labels"]
     return kept.remove_columns(extra), report

@@ -22,6 +22,10 @@ Choices and their costs:
   probability (1 - t)^R for R response tokens (0.7^10 ~ 2.8% for a 10-token response at
   t = 0.3, negligible above ~30 tokens); the ELBO weight keeps the nominal t.
 - The complement is weighted with the nominal rate 1 - t (see `complement_mask_rate`).
+- Multi-turn chats: `supervisable` ([n] bool, the assistant turns' tokens) restricts masking, editing and the
+  complement to those positions; the user turns after `prompt_length` stay clean in x_t, like the prompt. The
+  draws are the same as without it (one uniform per position from `prompt_length` on), so an all-True
+  `supervisable` gives exactly the tensors of `supervisable=None`.
 
 All functions take CPU tensors (the collator runs on CPU) and are pure apart from the
 generator they advance.
@@ -85,6 +89,25 @@ def _validate_document(x_0: torch.Tensor, prompt_length: int) -> None:
         )
 
 
+def _validate_supervisable(supervisable: torch.Tensor | None, x_0: torch.Tensor, prompt_length: int) -> None:
+    if supervisable is None:
+        return
+    if supervisable.shape != x_0.shape or supervisable.dtype != torch.bool:
+        raise ValueError(f"supervisable ({tuple(supervisable.shape)}, {supervisable.dtype}) must be a bool tensor "
+                         f"shaped like x_0 ({tuple(x_0.shape)}): True on the assistant turns' tokens")
+    if bool(supervisable[:prompt_length].any()):
+        raise ValueError(f"supervisable marks a prompt position (< prompt_length={prompt_length}); the prompt is "
+                         "never supervised: start prompt_length at the first assistant token")
+
+
+def _response_supervisable(supervisable: torch.Tensor | None, prompt_length: int, num_response: int,
+                           device) -> torch.Tensor:
+    """bool [num_response]: which response positions (from prompt_length on) may be noised and supervised."""
+    if supervisable is None:
+        return torch.ones(num_response, dtype=torch.bool, device=device)
+    return supervisable[prompt_length:]
+
+
 def mask_document(
     x_0: torch.Tensor,
     prompt_length: int,
@@ -93,6 +116,7 @@ def mask_document(
     generator: torch.Generator | None = None,
     *,
     min_masked: int = 1,
+    supervisable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each response token of one document independently with probability t.
 
@@ -105,8 +129,12 @@ def mask_document(
     tokens. Those positions are a uniformly random choice among the unmasked ones, and the
     drawn set is always a subset of the final one. `min_masked=0` keeps the pure Bernoulli(t)
     draw, which may mask nothing.
+
+    supervisable: optional bool [n], the positions that may be masked (multi-turn: the assistant turns); R then
+    counts those only. None: every position from prompt_length on.
     """
     _validate_document(x_0, prompt_length)
+    _validate_supervisable(supervisable, x_0, prompt_length)
     t = float(t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t ({t}) must be in [0, 1]: it is the probability of masking a response token")
@@ -115,11 +143,13 @@ def mask_document(
 
     num_response = x_0.numel() - prompt_length
     u = torch.rand(num_response, generator=generator, device=x_0.device)
-    is_masked_response = u < t  # P(u < t) = t for u ~ U[0, 1)
-    num_forced = min(min_masked, num_response)
+    allowed = _response_supervisable(supervisable, prompt_length, num_response, x_0.device)
+    is_masked_response = (u < t) & allowed  # P(u < t) = t for u ~ U[0, 1)
+    num_forced = min(min_masked, int(allowed.sum()))
     if int(is_masked_response.sum()) < num_forced:
         # The k smallest draws: a superset of {u < t}, so forcing only ever adds masks.
-        is_masked_response[torch.topk(u, num_forced, largest=False).indices] = True
+        candidates = u if supervisable is None else u.masked_fill(~allowed, float("inf"))
+        is_masked_response[torch.topk(candidates, num_forced, largest=False).indices] = True
 
     is_masked = torch.zeros_like(x_0, dtype=torch.bool)
     is_masked[prompt_length:] = is_masked_response
@@ -142,6 +172,8 @@ def edit_document(
     rate: float,
     edit_token_ids: torch.Tensor,
     generator: torch.Generator | None = None,
+    *,
+    supervisable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The token-to-token (T2T) stream of draft-and-edit training (LLaDA2.1): replace each response token that
     masking left visible by a random token with probability `rate`.
@@ -152,9 +184,11 @@ def edit_document(
     positions are never touched. Returns `(x_t_edited, is_edited)`, both [n].
 
     Draws from `generator` after the mask draws, so with `rate = 0` nothing is drawn and the mask stream of the
-    document is the same as without editing.
+    document is the same as without editing. `supervisable` (bool [n], as in `mask_document`) keeps the edits on
+    those positions.
     """
     _validate_document(x_t, prompt_length)
+    _validate_supervisable(supervisable, x_t, prompt_length)
     validate_edit_noise_rate(rate)
     if edit_token_ids.dim() != 1 or edit_token_ids.numel() < 2:
         raise ValueError(f"edit_token_ids ({tuple(edit_token_ids.shape)}) must be a 1-D tensor of at least 2 ids to "
@@ -166,7 +200,8 @@ def edit_document(
     u = torch.rand(num_response, generator=generator)
     pick = torch.rand(num_response, generator=generator)
     visible = x_t[prompt_length:]
-    is_edited[prompt_length:] = (u < rate) & ~is_masked[prompt_length:]
+    allowed = _response_supervisable(supervisable, prompt_length, num_response, x_t.device)
+    is_edited[prompt_length:] = (u < rate) & ~is_masked[prompt_length:] & allowed
     # Uniform over the candidates minus the own token: draw among the first C - 1 candidates when the own token
     # is one of them, and read a draw of the own token as the last candidate (which the draw excludes).
     own_is_candidate = torch.isin(visible, edit_token_ids)
@@ -180,7 +215,8 @@ def edit_document(
 
 
 def complementary_pair(
-    x_0: torch.Tensor, prompt_length: int, is_masked: torch.Tensor, mask_token_id: int
+    x_0: torch.Tensor, prompt_length: int, is_masked: torch.Tensor, mask_token_id: int, *,
+    supervisable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The complementary instance of `mask_document`'s output: mask exactly the response tokens it left clean.
 
@@ -189,9 +225,11 @@ def complementary_pair(
     The complement masks nothing when `is_masked` covered the whole response (t = 1, or a very
     short response): it then supervises no token, which the loss handles (empty micro-batches
     give a loss of 0); a collator may also drop it.
-    Weight it with `complement_mask_rate(t)`.
+    Weight it with `complement_mask_rate(t)`. `supervisable` (bool [n], as in `mask_document`): the complement
+    covers only those positions.
     """
     _validate_document(x_0, prompt_length)
+    _validate_supervisable(supervisable, x_0, prompt_length)
     if is_masked.shape != x_0.shape or is_masked.dtype != torch.bool:
         raise ValueError(
             f"is_masked ({tuple(is_masked.shape)}, {is_masked.dtype}) must be a bool tensor shaped like "
@@ -204,6 +242,8 @@ def complementary_pair(
         )
     is_response = torch.arange(x_0.numel(), device=x_0.device) >= prompt_length
     is_masked_complement = is_response & ~is_masked
+    if supervisable is not None:
+        is_masked_complement &= supervisable
     return x_0.masked_fill(is_masked_complement, mask_token_id), is_masked_complement
 
 

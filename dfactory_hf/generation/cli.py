@@ -2,6 +2,7 @@
 
     dfactory-hf generate --model PATH --prompt "What is 17 + 25?"
     dfactory-hf generate --model PATH --prompt "first question" --prompt "second question" --temperature 0.7 --seed 0
+    dfactory-hf generate --model PATH --prompt "What is 17 + 25?" --trace trace.png   # + a PNG of the commit order
 
 Several `--prompt`s are decoded together as one batch (the same tokens as one at a time at temperature 0).
 """
@@ -50,6 +51,9 @@ def add_generate_command(subparsers) -> None:
                          help="recompute every committed block at every step (the slow reference; same tokens)")
     command.add_argument("--eos_early_stop", action="store_true",
                          help="stop a prompt as soon as it commits EOS with no mask before it, not after its block")
+    command.add_argument("--trace", metavar="PNG",
+                         help="also write a PNG of the denoising step at which each answer position was committed "
+                              "(and edited); needs matplotlib (pip install 'dfactory_hf[plot]')")
     command.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype ('auto': the checkpoint's)")
     command.set_defaults(handler=run_generate)
 
@@ -86,6 +90,12 @@ def run_generate(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
 
     prompt_ids = build_prompt_ids(tokenizer, args.prompt, args.system)
+    trace = None
+    if args.trace:
+        from ..plots import CommitTrace, pyplot
+
+        pyplot()  # refuse before decoding when matplotlib is missing
+        trace = CommitTrace([len(ids) for ids in prompt_ids], args.block_length)
     streamed = [""] * len(prompt_ids)
     answers_so_far: list[list[int]] = [[] for _ in prompt_ids]
 
@@ -118,9 +128,18 @@ def run_generate(args: argparse.Namespace) -> int:
         on_block_committed=print_block,
         edit_threshold=args.edit_threshold,
         edit_steps=args.edit_steps,
+        on_step=trace.record if trace is not None else None,
     )
     for row, (prompt, answer) in enumerate(zip(args.prompt, answers)):
         print(f"\n=== answer {row} ({len(answer)} tokens) to {prompt!r} ===")
         print(tokenizer.decode(answer, skip_special_tokens=True))
+    if trace is not None:
+        from ..plots import plot_commit_trace
+
+        def readable(token: int) -> str:
+            return "EOS" if token == tokenizer.eos_token_id else tokenizer.decode([token]).replace(" ", "\u2423")
+
+        texts = [[readable(token) for token in answer] for answer in answers]
+        print(f"\nwrote {plot_commit_trace(trace, answers, args.trace, labels=args.prompt, token_texts=texts)}")
     sys.stdout.flush()
     return 0

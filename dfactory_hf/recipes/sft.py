@@ -312,4 +312,5 @@ def main(argv: list[str] | None = None) -> dict:
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     end_metrics = trainer.evaluate() if evaluates else {}
     trainer.save_model(args.output_dir)  # weights, config, tokenizer, generation_config.json, model card
+    trainer.save_state()  # trainer_state.json: the log history that `dfactory-hf plot OUTPUT_DIR` draws
     return report(trainer, script, train_output, start_metrics, end_metrics)

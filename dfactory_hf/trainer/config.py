@@ -15,6 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 from transformers import TrainingArguments
 
+from ..data.preprocessing import SUPERVISE_TURNS
 from ..diffusion.loss import LOSS_WEIGHTING_MODES
 from ..diffusion.noise import validate_edit_noise_rate, validate_noise_range
 from ..parallel.state import ParallelSizes
@@ -144,6 +145,12 @@ class DiffusionTrainingArguments(TrainingArguments):
         default="skip",
         metadata={"help": "Documents longer than max_seq_len: 'skip' (counted and reported) or 'truncate' the "
                           "response to fit (counted and reported). Prompts longer than max_seq_len are skipped."},
+    )
+    supervise_turns: str = field(
+        default="all",
+        metadata={"help": "Multi-turn chats: 'all' supervises every assistant turn (user and system turns stay clean "
+                          "context, never masked nor supervised); 'last' only the last assistant turn, everything "
+                          "before it being the prompt. Single-turn data is the same either way."},
     )
     pad_to_max_seq_len: bool = field(
         default=False,
@@ -331,6 +338,9 @@ class DiffusionTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"overlong_document_policy ({self.overlong_document_policy!r}) must be one of {OVERLONG_POLICIES}."
             )
+        if self.supervise_turns not in SUPERVISE_TURNS:
+            raise ValueError(f"supervise_turns ({self.supervise_turns!r}) must be one of {SUPERVISE_TURNS}: 'all' "
+                             "supervises every assistant turn of a multi-turn chat, 'last' only the last one.")
         if self.min_masked_tokens < 0:
             raise ValueError(f"min_masked_tokens ({self.min_masked_tokens}) must be >= 0.")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:

@@ -42,6 +42,9 @@ def evaluate_elbo(trainer, dataset, *, prefix: str = "eval") -> dict[str, float]
                                       data_parallel_rank=trainer.parallel_state.dp_rank,
                                       data_parallel_size=trainer.parallel_state.dp_size)
     response_tokens = sum(n - p for n, p in zip(dataset["num_tokens"], dataset["prompt_length"]))
+    if "assistant_masks" in dataset.column_names:  # multi-turn chats: only the assistant turns are ever masked
+        response_tokens = sum(sum(mask) if mask else n - p for mask, n, p in
+                              zip(dataset["assistant_masks"], dataset["num_tokens"], dataset["prompt_length"]))
     metrics, nll_terms = {}, []
     for rate in trainer.args.eval_mask_rates:
         # The bound is over the masking process alone: no edit stream, no kept-token supervision.

@@ -228,6 +228,7 @@ class DiffusionTrainer(Trainer):
             dataset, tokenizer, block_size=args.block_size, max_seq_len=args.max_seq_len,
             mask_token_id=self.mask_token_id, overlong_policy=args.overlong_document_policy,
             num_proc=args.dataset_num_proc, split=split, model_vocab_size=self._model_vocab_size,
+            supervise_turns=args.supervise_turns,
         )
         self.data_reports.append(report)
         if (report.skipped or report.num_truncated) and args.process_index == 0:  # once per run, not per rank
