@@ -6,8 +6,8 @@ import torch
 
 import dfactory_hf  # noqa: F401
 from dfactory_hf import DiffusionTrainer, DiffusionTrainingArguments
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset
-from dfactory_hf.data.tokenizer import load_demo_tokenizer
+from dfactory_hf.demo.arithmetic import make_arithmetic_dataset
+from dfactory_hf.demo.tokenizer import load_demo_tokenizer
 from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config
 
 TOKENIZER = load_demo_tokenizer()
