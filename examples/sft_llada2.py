@@ -33,9 +33,9 @@ from trl import TrlParser
 
 import dfactory_hf  # noqa: F401  (registers llada2_moe with the Auto classes)
 from dfactory_hf import DiffusionTrainer, DiffusionTrainingArguments
-from dfactory_hf.data.arithmetic import TASKS, make_arithmetic_dataset
 from dfactory_hf.data.files import load_data_file
-from dfactory_hf.data.tokenizer import DEMO_TOKENIZER_PATH
+from dfactory_hf.demo.arithmetic import TASKS, exact_match, make_arithmetic_dataset
+from dfactory_hf.demo.tokenizer import DEMO_TOKENIZER_PATH
 from dfactory_hf.diffusion.masks import ATTN_IMPLEMENTATIONS
 from dfactory_hf.models.llada2_moe import SHIPPED_CONFIGS, LLaDA2MoeConfig, LLaDA2MoeForCausalLM, shipped_config
 from dfactory_hf.parallel.loading import from_pretrained_on_rank0
@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data(script, args.seed)
     model, tokenizer = load_model_and_tokenizer(script, args)
     eval_split = data.get(script.dataset_test_split)
+    # Generated answers are scored by the demo's "The answer is N." convention; another task passes its own scorer.
     trainer = DiffusionTrainer(model=model, args=args, train_dataset=data[script.dataset_train_split],
-                               eval_dataset=eval_split, processing_class=tokenizer)
+                               eval_dataset=eval_split, processing_class=tokenizer, answer_scorer=exact_match)
     # Under FSDP2 the model is sharded when training starts, so the "before" evaluation is skipped there.
     evaluate_first = eval_split is not None and not trainer.is_fsdp_enabled
     start_metrics = trainer.evaluate() if evaluate_first else {}
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(("held-out ELBO perplexity bound", f"{end_metrics['eval_elbo_perplexity']:.3f}"))
     if eval_split is not None and script.final_generation_samples > 0 and "answer" in trainer.eval_dataset.column_names:
         records = generate_answers(
-            trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.eval_dataset,
+            trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.eval_dataset, score=exact_match,
             num_samples=script.final_generation_samples, gen_length=args.eval_gen_length,
             block_length=args.block_size, threshold=args.eval_gen_threshold, mask_token_id=trainer.mask_token_id,
             batch_size=args.per_device_eval_batch_size,

@@ -48,7 +48,7 @@ def demo_args(tmp_path, **overrides) -> DiffusionTrainingArguments:
     return DiffusionTrainingArguments(**values)
 
 
-def demo_trainer(tmp_path, model=None, data=None, **overrides) -> DiffusionTrainer:
+def demo_trainer(tmp_path, model=None, data=None, answer_scorer=None, **overrides) -> DiffusionTrainer:
     data = data if data is not None else demo_data()
     return DiffusionTrainer(
         model=model if model is not None else demo_model(),
@@ -56,4 +56,5 @@ def demo_trainer(tmp_path, model=None, data=None, **overrides) -> DiffusionTrain
         train_dataset=data["train"],
         eval_dataset=data["test"],
         processing_class=TOKENIZER,
+        answer_scorer=answer_scorer,
     )
