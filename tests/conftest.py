@@ -1,7 +1,17 @@
-"""Test-session settings shared by every test module."""
+"""Test-session settings shared by every test module, and the tiers of setup.cfg's markers:
+
+    python -m pytest -q tests -m "not slow"                      # the fast tier (CPU, one process)
+    python -m pytest -q tests -m "slow and not distributed"      # example and benchmark smoke runs
+    python -m pytest -q tests -m distributed                     # tests/distributed/: multi-process (gloo)
+    python -m pytest -q tests -m gpu                             # needs CUDA; skipped with the reason elsewhere
+"""
+
+from pathlib import Path
 
 import pytest
 import torch
+
+DISTRIBUTED_TESTS = Path(__file__).resolve().parent / "distributed"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,3 +32,15 @@ def pytest_terminal_summary(terminalreporter):
     handled = [r for r in terminalreporter.stats.get("passed", []) if "test_bad_input.py::" in r.nodeid]
     if handled:
         terminalreporter.write_line(f"bad input: {len(handled)} cases handled (tests/test_bad_input.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/distributed/ is `distributed` and `slow` (each starts 2 to 4 processes that import
+    torch and build a model: tens of seconds on 2 cores); a `gpu` test is skipped, with why, without CUDA."""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if DISTRIBUTED_TESTS in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.distributed)
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(no_cuda)

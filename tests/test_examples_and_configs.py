@@ -117,3 +117,17 @@ def test_benchmark_runs_in_its_smoke_configuration(tmp_path, command):
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) >= 2, result.stdout[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_check_passes(tmp_path):
+    """bench/gpu_check.py: flex attention against sdpa (loss and gradients), bf16 flex training, cached decoding on
+    the GPU; it exits non-zero when a check fails."""
+    import os
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                            timeout=1200, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| cached == recomputing tokens | True | yes |" in result.stdout, result.stdout[-3000:]
