@@ -25,6 +25,7 @@ def _load_example(name: str):
     return module
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: a real training run of the example
 def test_embedded_demo_trains_evaluates_generates_and_saves(tmp_path, capsys):
     demo = _load_example("sft_llada2")
     out = tmp_path / "demo"
