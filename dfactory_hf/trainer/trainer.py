@@ -288,7 +288,8 @@ class DiffusionTrainer(Trainer):
             sampler = ReplicaEvalBatchSampler(
                 num_items=len(dataset), batch_size=self.args.per_device_eval_batch_size,
                 data_parallel_rank=self.parallel_state.dp_rank, data_parallel_size=self.parallel_state.dp_size)
-            # Not Trainer's get_eval_dataloader: that one may return a cached loader (persistent workers).
+            # Not through _get_eval_sampler: the main loop's sampler (which prediction_step counts with) stays, and
+            # the grid never drops a last short batch (dataloader_drop_last) nor reuses a cached loader.
             return self._get_dataloader(dataset, description="Evaluation",
                                         batch_size=self.args.per_device_eval_batch_size, sampler_fn=lambda _: sampler)
         finally:
