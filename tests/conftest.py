@@ -6,12 +6,8 @@
     python -m pytest -q tests -m gpu                             # needs CUDA; skipped with the reason elsewhere
 """
 
-from pathlib import Path
-
 import pytest
 import torch
-
-DISTRIBUTED_TESTS = Path(__file__).resolve().parent / "distributed"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,12 +31,9 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/distributed/ is `distributed` and `slow` (each starts 2 to 4 processes that import
-    torch and build a model: tens of seconds on 2 cores); a `gpu` test is skipped, with why, without CUDA."""
+    """A `gpu` test is skipped, with why, where there is no CUDA device. (The modules of tests/distributed/ mark
+    themselves `distributed` and `slow`; tests/test_examples_and_configs.py checks that every one does.)"""
     no_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
     for item in items:
-        if DISTRIBUTED_TESTS in Path(item.path).resolve().parents:
-            item.add_marker(pytest.mark.distributed)
-            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
             item.add_marker(no_cuda)

@@ -132,3 +132,16 @@ def test_gpu_check_passes(tmp_path):
                             timeout=1200, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| cached == recomputing tokens | True | yes |" in result.stdout, result.stdout[-3000:]
+
+
+def test_multi_process_tests_are_in_the_distributed_and_slow_tiers():
+    import os
+    import re
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             "-m", "not (distributed and slow)", "tests/distributed"], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    last = result.stdout.strip().splitlines()[-1]
+    deselected = re.fullmatch(r"no tests collected \((\d+) deselected\) in .*", last)
+    assert deselected and int(deselected.group(1)) > 0, last  # every one of them marked both
