@@ -32,6 +32,7 @@ from sft_llada2 import load_data, main as train_demo  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from dfactory_hf.data.preprocessing import prepare_dataset  # noqa: E402
+from dfactory_hf.demo.arithmetic import exact_match  # noqa: E402
 from dfactory_hf.trainer.evaluation import generate_answers  # noqa: E402
 
 
@@ -60,8 +61,9 @@ def decode(model, tokenizer, documents, *, threshold: float, edit_threshold: flo
     calls = [0]
     handle = model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
     try:
-        records = generate_answers(model, tokenizer, documents, num_samples=len(documents), gen_length=48,
-                                   block_length=4, threshold=threshold, mask_token_id=tokenizer.mask_token_id,
+        records = generate_answers(model, tokenizer, documents, score=exact_match, num_samples=len(documents),
+                                   gen_length=48, block_length=4, threshold=threshold,
+                                   mask_token_id=tokenizer.mask_token_id,
                                    batch_size=1, edit_threshold=edit_threshold, edit_steps=edit_steps)
     finally:
         handle.remove()

@@ -19,10 +19,10 @@ import torch
 
 import dfactory_hf
 from dfactory_hf import DiffusionTrainer, DiffusionTrainingArguments
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset
 from dfactory_hf.data.collators import PackingCollator
 from dfactory_hf.data.preprocessing import prepare_dataset
-from dfactory_hf.data.tokenizer import load_demo_tokenizer
+from dfactory_hf.demo.arithmetic import make_arithmetic_dataset
+from dfactory_hf.demo.tokenizer import load_demo_tokenizer
 from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config
 from dfactory_hf.trainer.forward import DiffusionObjective, diffusion_step
 

@@ -83,11 +83,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset  # noqa: E402
 from dfactory_hf.data.collators import PackingCollator, PaddingCollator  # noqa: E402
 from dfactory_hf.data.preprocessing import prepare_dataset  # noqa: E402
 from dfactory_hf.data.sampler import TokenBudgetBatchSampler  # noqa: E402
-from dfactory_hf.data.tokenizer import load_demo_tokenizer  # noqa: E402
+from dfactory_hf.demo.arithmetic import make_arithmetic_dataset  # noqa: E402
+from dfactory_hf.demo.tokenizer import load_demo_tokenizer  # noqa: E402
 from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config  # noqa: E402
 from dfactory_hf.trainer.forward import DiffusionObjective, diffusion_step, model_inputs  # noqa: E402
 

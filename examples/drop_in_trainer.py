@@ -11,8 +11,8 @@ labels), tokenizes the conversations into EOS-filled documents and trains with t
 from transformers import AutoTokenizer, TrainingArguments
 
 from dfactory_hf import DiffusionTrainer as Trainer  # the only change from a causal-LM script
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset
-from dfactory_hf.data.tokenizer import DEMO_TOKENIZER_PATH
+from dfactory_hf.demo.arithmetic import make_arithmetic_dataset
+from dfactory_hf.demo.tokenizer import DEMO_TOKENIZER_PATH
 from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config
 
 

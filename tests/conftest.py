@@ -1,4 +1,10 @@
-"""Test-session settings shared by every test module."""
+"""Test-session settings shared by every test module, and the tiers of setup.cfg's markers:
+
+    python -m pytest -q tests -m "not slow"                      # the fast tier (CPU, one process)
+    python -m pytest -q tests -m "slow and not distributed"      # example and benchmark smoke runs
+    python -m pytest -q tests -m distributed                     # tests/distributed/: multi-process (gloo)
+    python -m pytest -q tests -m gpu                             # needs CUDA; skipped with the reason elsewhere
+"""
 
 import pytest
 import torch
@@ -22,3 +28,12 @@ def pytest_terminal_summary(terminalreporter):
     handled = [r for r in terminalreporter.stats.get("passed", []) if "test_bad_input.py::" in r.nodeid]
     if handled:
         terminalreporter.write_line(f"bad input: {len(handled)} cases handled (tests/test_bad_input.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A `gpu` test is skipped, with why, where there is no CUDA device. (The modules of tests/distributed/ mark
+    themselves `distributed` and `slow`; tests/test_examples_and_configs.py checks that every one does.)"""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(no_cuda)

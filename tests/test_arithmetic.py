@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from dfactory_hf.data.arithmetic import (
+from dfactory_hf.demo.arithmetic import (
     NUM_ADD2_PROBLEMS,
     exact_match,
     extract_answer,

@@ -5,7 +5,6 @@ from collections import Counter
 import pytest
 import torch
 
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset
 from dfactory_hf.data.collators import (
     IGNORE_INDEX,
     NoisedDocument,
@@ -15,7 +14,8 @@ from dfactory_hf.data.collators import (
     pack_best_fit,
 )
 from dfactory_hf.data.preprocessing import prepare_dataset
-from dfactory_hf.data.tokenizer import load_demo_tokenizer
+from dfactory_hf.demo.arithmetic import make_arithmetic_dataset
+from dfactory_hf.demo.tokenizer import load_demo_tokenizer
 
 PAD, EOS, MASK = 0, 1, 2
 BLOCK = 4

@@ -25,6 +25,7 @@ def _load_example(name: str):
     return module
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: a real training run of the example
 def test_embedded_demo_trains_evaluates_generates_and_saves(tmp_path, capsys):
     demo = _load_example("sft_llada2")
     out = tmp_path / "demo"
@@ -117,3 +118,30 @@ def test_benchmark_runs_in_its_smoke_configuration(tmp_path, command):
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) >= 2, result.stdout[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_check_passes(tmp_path):
+    """bench/gpu_check.py: flex attention against sdpa (loss and gradients), bf16 flex training, cached decoding on
+    the GPU; it exits non-zero when a check fails."""
+    import os
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                            timeout=1200, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| cached == recomputing tokens | True | yes |" in result.stdout, result.stdout[-3000:]
+
+
+def test_multi_process_tests_are_in_the_distributed_and_slow_tiers():
+    import os
+    import re
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             "-m", "not (distributed and slow)", "tests/distributed"], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    last = result.stdout.strip().splitlines()[-1]
+    deselected = re.fullmatch(r"no tests collected \((\d+) deselected\) in .*", last)
+    assert deselected and int(deselected.group(1)) > 0, last  # every one of them marked both

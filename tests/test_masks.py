@@ -13,6 +13,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from dfactory_hf.diffusion.masks import (
     build_attention_mask,
+    generation_attention_mask,
+    generation_key_intervals,
     key_intervals,
     mask_function,
     reference_block_diffusion_mask,
@@ -306,3 +308,39 @@ def test_error_lists_valid_implementations_and_layout_check_can_be_skipped():
     odd = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 0]])
     assert build(odd, GOOD_MASK, 2, False, "sdpa").shape == (1, 1, 8, 8)
     assert build(odd, GOOD_MASK, 2, True, "sdpa", check_layout=False).shape == (1, 1, 16, 16)
+
+
+# --- generation: the block-causal mask of a left-padded canvas ---------------------------------------------------
+
+
+def literal_generation_mask(num_padding: torch.Tensor, block_size: int, query_start: int, query_end: int):
+    """The mask generation/sampler.py built before it used masks.py, restated: bool [B, 1, Q, K]."""
+    is_real = torch.arange(query_end)[None, :] >= num_padding[:, None]  # [B, K]
+    query, key = torch.arange(query_start, query_end), torch.arange(query_end)
+    same_or_earlier_block = (key[None, :] // block_size) <= (query[:, None] // block_size)
+    mask = same_or_earlier_block[None] & is_real[:, None, :]
+    itself = key[None, :] == query[:, None]
+    return torch.where(is_real[:, query_start:query_end, None], mask, itself[None])[:, None]
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4])
+def test_generation_mask_is_block_causal_over_real_keys(block_size):
+    generator = torch.Generator().manual_seed(block_size)
+    num_blocks = 4
+    length = num_blocks * block_size
+    checked = 0
+    for _ in range(10):
+        num_padding = torch.randint(0, length, (3,), generator=generator)
+        intervals = generation_key_intervals(num_padding, length=length, block_size=block_size)
+        for start in range(0, length, block_size):  # every query block, over the keys up to its end and beyond
+            for end in range(start + block_size, length + 1, block_size):
+                mask = generation_attention_mask(intervals, query_start=start, query_end=end)
+                assert mask.dtype == torch.bool
+                assert torch.equal(mask, literal_generation_mask(num_padding, block_size, start, end)), (start, end)
+                checked += 1
+    assert checked == 10 * num_blocks * (num_blocks + 1) // 2
+
+
+def test_generation_mask_rejects_a_bad_block_size():
+    with pytest.raises(ValueError, match=r"block_size \(0\) must be a positive integer"):
+        generation_key_intervals(torch.zeros(1, dtype=torch.long), length=4, block_size=0)

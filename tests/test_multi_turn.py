@@ -7,7 +7,7 @@ from datasets import Dataset
 
 from dfactory_hf.data.collators import MASKED, NOT_SUPERVISED, PackingCollator, PaddingCollator
 from dfactory_hf.data.preprocessing import IGNORE_INDEX, prepare_dataset
-from dfactory_hf.data.tokenizer import load_demo_tokenizer
+from dfactory_hf.demo.tokenizer import load_demo_tokenizer
 
 EOS, MASK, SYSTEM, USER, ASSISTANT = 1, 2, 4, 5, 6
 TURNS = [("system", "Be brief."), ("user", "1+1?"), ("assistant", "2"), ("user", "2+2?"), ("assistant", "4"),

@@ -5,9 +5,9 @@ import copy
 import pytest
 from datasets import Dataset
 
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset
 from dfactory_hf.data.preprocessing import IGNORE_INDEX, prepare_dataset
-from dfactory_hf.data.tokenizer import load_demo_tokenizer
+from dfactory_hf.demo.arithmetic import make_arithmetic_dataset
+from dfactory_hf.demo.tokenizer import load_demo_tokenizer
 
 EOS, MASK, SYSTEM, USER, ASSISTANT = 1, 2, 4, 5, 6
 EOS_TEXT = "<|endoftext|>"

@@ -6,22 +6,23 @@ from __future__ import annotations
 import pytest
 from datasets import DatasetDict
 
+from dfactory_hf.demo.arithmetic import exact_match
 from trainer_helpers import demo_args, demo_data, demo_trainer
 
 
-@pytest.mark.slow
-def test_training_stops_once_exact_match_reaches_the_target(tmp_path):
-    # Four problems, trained on and then answered: memorised within a few hundred steps, far below max_steps.
-    data = demo_data(num_train=4, num_test=4, task="add")
-    data = DatasetDict({"train": data["train"], "test": data["train"]})
-    trainer = demo_trainer(tmp_path, data=data, max_steps=2000, eval_strategy="steps", eval_steps=50,
-                           eval_generation_samples=4, eval_gen_length=16, stop_at_exact_match=0.75,
-                           per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=50)
+def test_training_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path):
+    # The scorer calls an answer right from step 6 on, so the evaluations at steps 2 and 4 score 0 and the one at
+    # step 6 scores 1: training must stop there, far below max_steps, with the schedule still that of max_steps.
+    holder = {}
+    trainer = demo_trainer(tmp_path, answer_scorer=lambda text, answer: holder["trainer"].state.global_step >= 6,
+                           max_steps=40, eval_strategy="steps", eval_steps=2, eval_generation_samples=2,
+                           eval_gen_length=8, stop_at_exact_match=1.0)
+    holder["trainer"] = trainer
     trainer.train()
-    evaluations = [entry for entry in trainer.state.log_history if "eval_exact_match" in entry]
-    assert evaluations[-1]["eval_exact_match"] >= 0.75
-    assert all(entry["eval_exact_match"] < 0.75 for entry in evaluations[:-1])  # the first evaluation that reached it
-    assert trainer.state.global_step == evaluations[-1]["step"] < 2000
+    scores = [(entry["step"], entry["eval_exact_match"]) for entry in trainer.state.log_history
+              if "eval_exact_match" in entry]
+    assert scores == [(2, 0.0), (4, 0.0), (6, 1.0)]
+    assert trainer.state.global_step == 6 and trainer.state.max_steps == 40
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -40,4 +41,4 @@ def test_generation_eval_without_an_answer_column_is_refused_before_training(tmp
     data = DatasetDict({"train": data["train"], "test": data["test"].remove_columns("answer")})
     with pytest.raises(ValueError, match=r"--stop_at_exact_match needs an eval dataset with an `answer` column"):
         demo_trainer(tmp_path, data=data, eval_strategy="steps", eval_steps=2, eval_generation_samples=4,
-                     stop_at_exact_match=0.9)
+                     stop_at_exact_match=0.9, answer_scorer=exact_match)

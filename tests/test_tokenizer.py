@@ -11,8 +11,8 @@ import pytest
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset
-from dfactory_hf.data.tokenizer import DEMO_TOKENIZER_PATH, load_demo_tokenizer, save_demo_tokenizer
+from dfactory_hf.demo.arithmetic import make_arithmetic_dataset
+from dfactory_hf.demo.tokenizer import DEMO_TOKENIZER_PATH, load_demo_tokenizer, save_demo_tokenizer
 
 ASCII_CHARACTERS = "\n" + "".join(chr(code) for code in range(ord(" "), ord("~") + 1))
 
@@ -36,7 +36,7 @@ def test_committed_files_match_the_builder(tmp_path):
     assert committed == sorted(path.name for path in tmp_path.iterdir())
     for name in committed:
         assert (tmp_path / name).read_bytes() == (DEMO_TOKENIZER_PATH / name).read_bytes(), (
-            f"{name} is stale; run `python -m dfactory_hf.data.tokenizer`"
+            f"{name} is stale; run `python -m dfactory_hf.demo.tokenizer`"
         )
 
 

@@ -6,8 +6,8 @@ import torch
 
 import dfactory_hf  # noqa: F401
 from dfactory_hf import DiffusionTrainer, DiffusionTrainingArguments
-from dfactory_hf.data.arithmetic import make_arithmetic_dataset
-from dfactory_hf.data.tokenizer import load_demo_tokenizer
+from dfactory_hf.demo.arithmetic import make_arithmetic_dataset
+from dfactory_hf.demo.tokenizer import load_demo_tokenizer
 from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config
 
 TOKENIZER = load_demo_tokenizer()
@@ -48,7 +48,7 @@ def demo_args(tmp_path, **overrides) -> DiffusionTrainingArguments:
     return DiffusionTrainingArguments(**values)
 
 
-def demo_trainer(tmp_path, model=None, data=None, **overrides) -> DiffusionTrainer:
+def demo_trainer(tmp_path, model=None, data=None, answer_scorer=None, **overrides) -> DiffusionTrainer:
     data = data if data is not None else demo_data()
     return DiffusionTrainer(
         model=model if model is not None else demo_model(),
@@ -56,4 +56,5 @@ def demo_trainer(tmp_path, model=None, data=None, **overrides) -> DiffusionTrain
         train_dataset=data["train"],
         eval_dataset=data["test"],
         processing_class=TOKENIZER,
+        answer_scorer=answer_scorer,
     )

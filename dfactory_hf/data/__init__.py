@@ -1,1 +1,1 @@
-"""Data: the demo tokenizer, generated arithmetic conversations, preprocessing, collators and samplers."""
+"""Data: file loading, preprocessing, collators and samplers (the demo's task and tokenizer live in `demo/`)."""

@@ -455,3 +455,15 @@ class ReplicaEvalBatchSampler(BatchRebalanceSampler):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    @staticmethod
+    def of(dataloader) -> ReplicaEvalBatchSampler:
+        """The sampler behind a dataloader, also once accelerate prepared it (it wraps the batch sampler in a
+        `BatchSamplerShard`, whose `batch_sampler` is ours)."""
+        sampler = getattr(dataloader, "batch_sampler", None)
+        while sampler is not None and not isinstance(sampler, ReplicaEvalBatchSampler):
+            sampler = getattr(sampler, "batch_sampler", None)
+        if sampler is None:
+            raise ValueError("this dataloader does not draw its batches from a ReplicaEvalBatchSampler; build it "
+                             "with DiffusionTrainer.get_eval_dataloader(dataset, mask_rate=...).")
+        return sampler

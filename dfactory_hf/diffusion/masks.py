@@ -306,6 +306,42 @@ def build_attention_mask(
     return eager_mask(**kwargs, dtype=dtype, allow_is_causal_skip=False)
 
 
+def generation_key_intervals(num_padding: Tensor, *, length: int, block_size: int) -> KeyIntervals:
+    """Block-causal keys of every position of a generation canvas `[B, length]` (`generation/sampler.py`), on
+    the canvas axis; row i starts with `num_padding[i]` padding positions, then its real tokens.
+
+    Blocks are absolute (`position // block_size`). A real position sees the real positions of its own block
+    and of every earlier block: one interval `[num_padding, block end)`. A padding position sees only itself
+    (finite softmax; no real query reads it). Interval 2 is unused.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size ({block_size!r}) must be a positive integer, e.g. 32")
+    position = torch.arange(length, device=num_padding.device).expand(num_padding.shape[0], length)
+    first_real = num_padding.long()[:, None]
+    real = position >= first_real
+    block_end = (torch.div(position, block_size, rounding_mode="floor") + 1) * block_size
+    zero = torch.zeros_like(position)
+    return KeyIntervals(torch.where(real, first_real.expand_as(position), position),
+                        torch.where(real, block_end.clamp(max=length), position + 1), zero, zero)
+
+
+def generation_attention_mask(intervals: KeyIntervals, *, query_start: int, query_end: int) -> Tensor:
+    """bool `[B, 1, query_end - query_start, query_end]` (True = attend): canvas queries
+    `[query_start, query_end)` over keys `[0, query_end)` (the earlier ones from the KV cache), by transformers'
+    `sdpa_mask` from the intervals, as `build_attention_mask` builds the training masks."""
+    return sdpa_mask(
+        batch_size=intervals.lo1.shape[0],
+        q_length=query_end - query_start,
+        kv_length=query_end,
+        q_offset=query_start,
+        mask_function=mask_function(intervals),
+        attention_mask=None,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        device=intervals.lo1.device,
+    )
+
+
 def reference_block_diffusion_mask(
     position_ids: Tensor, attention_mask: Tensor, block_size: int, block_diffusion: bool
 ) -> Tensor:

@@ -6,8 +6,8 @@
 Algorithm (REFERENCE 3): the canvas is each prompt followed by mask tokens. Blocks are aligned to absolute
 positions (block k = positions [k * block_length, (k + 1) * block_length), position 0 = the row's first prompt
 token). Generation starts at the block that holds the first generated position and denoises one block at a
-time under a block-causal mask (a block sees itself and every earlier block); see `decoding.py` for the
-per-step rule. A row stops after the block holding its first EOS (or, with `eos_early_stop`, once an EOS has
+time under a block-causal mask (a block sees itself and every earlier block; `generation_key_intervals` in
+`diffusion/masks.py`); see `decoding.py` for the per-step rule. A row stops after the block holding its first EOS (or, with `eos_early_stop`, once an EOS has
 no mask before it), or when its gen_length tokens are covered.
 
 Batch layout: row i with a P_i-token prompt is left-padded by whole blocks so that every row's first generated
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
+from ..diffusion.masks import KeyIntervals, generation_attention_mask, generation_key_intervals
 from .defaults import resolve_decoding_args
 from .decoding import pick_tokens, select_positions_to_commit, select_positions_to_edit, transfer_schedule
 from .validation import check_attention_backend, check_prompt_lengths, normalize_prompts, validate_generation_args
@@ -68,6 +69,7 @@ class Canvas:
     row_last_block: torch.Tensor  # long [B]: the last canvas block a row needs
     first_block: int  # the canvas block holding every row's first generated position
     block_length: int
+    key_intervals: KeyIntervals  # the block-causal mask of the whole canvas (diffusion/masks.py)
 
     @property
     def num_blocks(self) -> int:
@@ -104,24 +106,8 @@ def build_canvas(
         row_last_block=row_last_block.to(device),
         first_block=first_block,
         block_length=block_length,
+        key_intervals=generation_key_intervals(pad_lengths.to(device), length=length, block_size=block_length),
     )
-
-
-def block_causal_mask(canvas: Canvas, query_start: int, query_end: int) -> torch.Tensor:
-    """bool [B, 1, Q, K] (True = attend) for queries [query_start, query_end) over keys [0, query_end).
-
-    A real query sees the real keys of its block and of every earlier block; a padding query sees only itself
-    (so its softmax stays finite and its keys/values are harmless numbers that no real query reads).
-    """
-    block_length = canvas.block_length
-    device = canvas.tokens.device
-    query = torch.arange(query_start, query_end, device=device)
-    key = torch.arange(query_end, device=device)
-    same_or_earlier_block = (key[None, :] // block_length) <= (query[:, None] // block_length)  # [Q, K]
-    mask = same_or_earlier_block[None] & canvas.is_real[:, None, :query_end]  # [B, Q, K]
-    itself = key[None, :] == query[:, None]
-    mask = torch.where(canvas.is_real[:, query_start:query_end, None], mask, itself[None])
-    return mask[:, None]
 
 
 def _forward(
@@ -135,7 +121,7 @@ def _forward(
     """
     output = model(
         input_ids=canvas.tokens[:, query_start:query_end],
-        attention_mask=block_causal_mask(canvas, query_start, query_end),
+        attention_mask=generation_attention_mask(canvas.key_intervals, query_start=query_start, query_end=query_end),
         position_ids=canvas.position_ids[:, query_start:query_end],
         past_key_values=cache,
         use_cache=cache is not None,

@@ -29,8 +29,8 @@ from transformers import AutoTokenizer, HfArgumentParser
 from trl import DatasetMixtureConfig, TrlParser
 
 # The demo's data and tokenizer (kept together: the one place that names them).
-from ..data.arithmetic import TASKS, make_arithmetic_dataset
-from ..data.tokenizer import DEMO_TOKENIZER_PATH
+from ..demo.arithmetic import TASKS, exact_match, make_arithmetic_dataset
+from ..demo.tokenizer import DEMO_TOKENIZER_PATH
 from ..data.sources import check_eval_split_size, hold_out, load_mixture, load_source
 from ..diffusion.masks import ATTN_IMPLEMENTATIONS
 from ..logs import apply_log_level
@@ -137,7 +137,7 @@ class ScriptArguments:
         if self.dataset_name:
             config = f", config {self.dataset_config}" if self.dataset_config else ""
             return [f"{self.dataset_name} (split {self.dataset_train_split}{config})"]
-        return [f"generated arithmetic conversations (dfactory_hf.data.arithmetic, task {self.arithmetic_task}, "
+        return [f"generated arithmetic conversations (dfactory_hf.demo.arithmetic, task {self.arithmetic_task}, "
                 f"{self.num_train_samples} train / {self.num_test_samples} held-out)"]
 
 
@@ -242,6 +242,8 @@ def build_trainer(script: ScriptArguments, args: DiffusionTrainingArguments) -> 
     model, tokenizer = load_model_and_tokenizer(script, args)
     return DiffusionTrainer(model=model, args=args, train_dataset=data[script.dataset_train_split],
                             eval_dataset=data.get(script.dataset_test_split), processing_class=tokenizer,
+                            # The demo's "The answer is N." convention; another task passes its own scorer.
+                            answer_scorer=exact_match,
                             base_model_name=script.base_model, data_sources=script.data_sources)
 
 
@@ -275,7 +277,7 @@ def report(trainer: DiffusionTrainer, script: ScriptArguments, train_output, sta
         # The last held-out rows: evaluations during training (and --stop_at_exact_match) answer the first ones.
         first = max(len(eval_dataset) - script.final_generation_samples, 0)
         records = generate_answers(
-            trainer.accelerator.unwrap_model(trainer.model), tokenizer, eval_dataset,
+            trainer.accelerator.unwrap_model(trainer.model), tokenizer, eval_dataset, score=trainer.answer_scorer,
             num_samples=script.final_generation_samples, gen_length=args.eval_gen_length,
             block_length=args.block_size, threshold=args.eval_gen_threshold, mask_token_id=trainer.mask_token_id,
             batch_size=args.per_device_eval_batch_size, indices=list(range(first, len(eval_dataset))),

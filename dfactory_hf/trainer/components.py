@@ -3,6 +3,8 @@ data work: the special token ids, the attention backend, the collator."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
 from ..diffusion.masks import ATTN_IMPLEMENTATIONS
 from ..parallel.ulysses import base_backend
@@ -31,6 +33,19 @@ def check_special_ids_embed(vocab_size: int | None, **ids: int | None) -> None:
                              "vocab_size covers it.")
 
 
+def check_answer_scorer(answer_scorer, args: DiffusionTrainingArguments):
+    """Generation-based evaluation needs a way to tell a right answer; the package knows no task's format."""
+    if answer_scorer is not None and not callable(answer_scorer):
+        raise ValueError(f"answer_scorer ({answer_scorer!r}) must be a callable (generated text, reference answer) "
+                         "-> bool, e.g. dfactory_hf.demo.arithmetic.exact_match.")
+    if answer_scorer is None and args.eval_generation_samples > 0:
+        raise ValueError(f"--eval_generation_samples ({args.eval_generation_samples}) scores generated answers: pass "
+                         "DiffusionTrainer(..., answer_scorer=<callable (generated text, reference answer) -> bool>), "
+                         "e.g. dfactory_hf.demo.arithmetic.exact_match for the arithmetic demo, or set "
+                         "--eval_generation_samples 0.")
+    return answer_scorer
+
+
 def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_token_id: int, seed: int | None = None,
                    edit_token_ids: tuple[int, ...] | None = None):
     common = dict(
@@ -51,6 +66,13 @@ def build_collator(args: DiffusionTrainingArguments, *, mask_token_id: int, pad_
     if args.padding_free:
         return PositionIdCollator(**common)
     return PaddingCollator(**common, max_seq_len=args.max_seq_len, pad_to_max_seq_len=args.pad_to_max_seq_len)
+
+
+def masking_only(collator, mask_rate: float):
+    """The evaluation collator at one fixed mask rate of the ELBO grid: the bound is over the masking process
+    alone, so no edit stream, no kept-token supervision and no complementary copy."""
+    return replace(collator, fixed_mask_rate=mask_rate, complementary_masking=False, edit_noise_rate=0.0,
+                   supervise_kept=False)
 
 
 def has_given_noise(dataset) -> bool:

@@ -196,7 +196,8 @@ class DiffusionTrainingArguments(TrainingArguments):
     eval_generation_samples: int = field(
         default=0,
         metadata={"help": "Held-out rows (with an `answer` column) to answer by generation at each evaluation, "
-                          "logging exact-match accuracy. 0 disables it."},
+                          "each scored by DiffusionTrainer(answer_scorer=...) and logged as eval_exact_match. "
+                          "0 disables it."},
     )
     eval_gen_length: int = field(default=64, metadata={"help": "Tokens generated per evaluation answer."})
     eval_gen_threshold: float = field(

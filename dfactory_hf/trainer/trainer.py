@@ -36,12 +36,13 @@ from ..parallel.ulysses import apply_sequence_parallel, base_backend
 from ..paths import check_pretrained_source, load_pretrained
 from .checkpoints import (is_disk_full, mark_complete, model_shapes, newest_complete_checkpoint,
                           resolve_resume_checkpoint, rotate, save_failure_message, unmark, write_model_shapes)
-from .components import (build_collator, check_attention_backend, check_generation_eval, check_special_ids_embed,
-                         has_given_noise, resolve_mask_token_id)
+from .components import (build_collator, check_answer_scorer, check_attention_backend, check_generation_eval,
+                         check_special_ids_embed, has_given_noise, masking_only, resolve_mask_token_id)
 from .config import DiffusionTrainingArguments
-from .evaluation import evaluate_elbo, evaluate_generation
+from .evaluation import AnswerScorer, evaluate_elbo, evaluate_generation
 from .flops import batch_training_flops, peak_bf16_flops
-from .forward import DiffusionObjective, diffusion_step
+from .forward import DiffusionObjective, StepOutput
+from .forward import diffusion_step as forward_step
 from .guards import INTERRUPTED_EXIT_STATUS, SaveOnInterrupt, StepCounter, StopAtExactMatch, no_step_message
 from .hub import save_run_files
 from .lora import apply_lora, base_model, checkpoint_key, initial_adapter_value
@@ -57,9 +58,10 @@ class DiffusionTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, *, base_model_name: str | None = None,
-                 data_sources: list[str] | None = None, **kwargs):
-        """base_model_name / data_sources: what the saved model cards name as the start and the data of the run
+                 processing_class=None, peft_config=None, answer_scorer: AnswerScorer | None = None, *,
+                 base_model_name: str | None = None, data_sources: list[str] | None = None, **kwargs):
+        """answer_scorer: (generated text, reference answer) -> bool, for generation-based evaluation.
+        base_model_name / data_sources: what the saved model cards name as the start and the data of the run
         (default: the model's `name_or_path`; none)."""
         if args is None:
             args = DiffusionTrainingArguments(output_dir="outputs/dfactory_hf")
@@ -78,6 +80,8 @@ class DiffusionTrainer(Trainer):
         tokenizer = processing_class
         self.base_model_description = base_model_name or getattr(getattr(model, "config", None), "_name_or_path", "")
         self.data_sources = list(data_sources or [])
+        # Generation-based evaluation scores each answer with this (text, reference) -> bool callable.
+        self.answer_scorer = check_answer_scorer(answer_scorer, args)
         self.mask_token_id = resolve_mask_token_id(args, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._model_vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -286,11 +290,25 @@ class DiffusionTrainer(Trainer):
             data_parallel_rank=self.parallel_state.dp_rank, data_parallel_size=self.parallel_state.dp_size)
         return self._eval_batch_sampler
 
-    def get_eval_dataloader(self, eval_dataset=None):
-        # Evaluation noise is pinned (its own collator, epoch 0) so held-out losses compare across evaluations.
-        train_collator, self.data_collator = self.data_collator, self._eval_collator
+    def get_eval_dataloader(self, eval_dataset=None, *, mask_rate: float | None = None):
+        """Held-out batches. Their noise is pinned (an evaluation collator of its own, epoch 0), so held-out
+        losses compare across evaluations. With `mask_rate`, the batches of that rate of the ELBO grid
+        (evaluation.py): masking only, every document once in each data replica's `ReplicaEvalBatchSampler` share,
+        the same number of batches on every rank (fillers past its `num_real_batches`)."""
+        collator = self._eval_collator if mask_rate is None else masking_only(self._eval_collator, mask_rate)
+        train_collator, self.data_collator = self.data_collator, collator
         try:
-            return self._shard_over_data_replicas(super().get_eval_dataloader(eval_dataset))
+            if mask_rate is None:
+                return self._shard_over_data_replicas(super().get_eval_dataloader(eval_dataset))
+            dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else (
+                eval_dataset if eval_dataset is not None else self.eval_dataset)
+            sampler = ReplicaEvalBatchSampler(
+                num_items=len(dataset), batch_size=self.args.per_device_eval_batch_size,
+                data_parallel_rank=self.parallel_state.dp_rank, data_parallel_size=self.parallel_state.dp_size)
+            # Not through _get_eval_sampler: the main loop's sampler (which prediction_step counts with) stays, and
+            # the grid never drops a last short batch (dataloader_drop_last) nor reuses a cached loader.
+            return self._get_dataloader(dataset, description="Evaluation",
+                                        batch_size=self.args.per_device_eval_batch_size, sampler_fn=lambda _: sampler)
         finally:
             self.data_collator = train_collator
 
@@ -433,10 +451,7 @@ class DiffusionTrainer(Trainer):
         # The diffusion objective: [x_t ; x_0] through the model with the block-diffusion mask, cross-entropy
         # at the supervised x_t positions only.
         with self.router_load.counting() if model.training else contextlib.nullcontext():
-            step = diffusion_step(model, inputs, self.objective,
-                                  attn_implementation=self._attn_implementation(model),
-                                  mask_dtype=self._mask_dtype(model), num_items=num_items_in_batch,
-                                  sequence_shard=self.sequence_shard)
+            step = self.diffusion_step(model, inputs, num_items=num_items_in_batch)
         loss = step.loss.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP/FSDP average gradients over every rank; the loss is already a global token mean (of this rank's
@@ -446,6 +461,15 @@ class DiffusionTrainer(Trainer):
         if window is not None:
             window.add(step)
         return (loss, step) if return_outputs else loss
+
+    def diffusion_step(self, model, batch: dict[str, torch.Tensor], *,
+                       num_items: torch.Tensor | int | None = None) -> StepOutput:
+        """Forward and loss of one collated batch (on the device) with this run's objective, attention backend,
+        mask dtype and sequence-parallel slicing (forward.py): what `compute_loss` and the ELBO grid run.
+        `num_items`: the supervised-token count the loss is divided by (None: this batch's own)."""
+        return forward_step(model, batch, self.objective, attn_implementation=self._attn_implementation(model),
+                            mask_dtype=self._mask_dtype(model), num_items=num_items,
+                            sequence_shard=self.sequence_shard)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Diffusion batches have no model-side loss or labels to compare; evaluation metrics are accumulated

@@ -1,8 +1,8 @@
 """Seeded GSM8K-style arithmetic conversations for the CPU demo, the benchmarks and the tests.
 
-    python -m dfactory_hf.data.arithmetic --task word --num-train 2000   # prints samples and lengths
+    python -m dfactory_hf.demo.arithmetic --task word --num-train 2000   # prints samples and lengths
 
-    from dfactory_hf.data.arithmetic import make_arithmetic_dataset, exact_match
+    from dfactory_hf.demo.arithmetic import make_arithmetic_dataset, exact_match
     dataset = make_arithmetic_dataset(4000, 200, seed=0, task="add2")   # DatasetDict train/test
 
 Rows have `messages` ([user question, assistant answer]) and `answer` (the final number, a string).

@@ -2,8 +2,8 @@
 
 Regenerate the committed files (they are deterministic, so a rerun leaves git clean):
 
-    python -m dfactory_hf.data.tokenizer                  # writes dfactory_hf/assets/tokenizer/
-    python -m dfactory_hf.data.tokenizer --output /tmp/tok
+    python -m dfactory_hf.demo.tokenizer                  # writes dfactory_hf/assets/tokenizer/
+    python -m dfactory_hf.demo.tokenizer --output /tmp/tok
 
 Load it with `load_demo_tokenizer()` or `AutoTokenizer.from_pretrained(DEMO_TOKENIZER_PATH)`;
 nothing is fetched from the Hub.
@@ -113,7 +113,7 @@ def load_demo_tokenizer() -> PreTrainedTokenizerBase:
     """The shipped tokenizer, loaded offline with `AutoTokenizer` from the package assets."""
     if not (DEMO_TOKENIZER_PATH / "tokenizer.json").is_file():
         raise FileNotFoundError(
-            f"no tokenizer.json in {DEMO_TOKENIZER_PATH}; regenerate it with `python -m dfactory_hf.data.tokenizer`"
+            f"no tokenizer.json in {DEMO_TOKENIZER_PATH}; regenerate it with `python -m dfactory_hf.demo.tokenizer`"
         )
     return AutoTokenizer.from_pretrained(DEMO_TOKENIZER_PATH)
 
