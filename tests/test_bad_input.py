@@ -223,10 +223,11 @@ def test_main_script_refuses_before_training(tmp_path, steps, case):
     argv, words = _script_cases(tmp_path)[case]
     demo = _load_example("sft_llada2")
     out = tmp_path / "out"
-    # No held-out rows (--eval_split_size 0): the cases count the rows of the whole file.
+    # No held-out rows and no evaluation (--eval_split_size 0, --eval_strategy no, --stop_at_exact_match 0): the
+    # cases count the rows of the whole file.
     assert_refused(lambda: demo.main(["--output_dir", str(out), "--max_steps", "2", "--num_train_samples", "16",
-                                "--num_test_samples", "0", "--eval_split_size", "0", "--disable_tqdm", "true",
-                                *argv]), words, steps)
+                                "--num_test_samples", "0", "--eval_split_size", "0", "--eval_strategy", "no",
+                                "--stop_at_exact_match", "0", "--disable_tqdm", "true", *argv]), words, steps)
     assert not (out / "model.safetensors").exists()  # no untrained model was saved
 
 

@@ -27,7 +27,7 @@ def test_training_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(stop_at_exact_match=1.5, eval_strategy="steps", eval_generation_samples=4),
-     r"--stop_at_exact_match \(1.5\) must be in \(0, 1\]"),
+     r"--stop_at_exact_match \(1.5\) must be in \(0, 1\], e.g. 0.95; 0 trains for max_steps"),
     (dict(stop_at_exact_match=0.9, eval_generation_samples=4), r"set --eval_strategy steps"),
     (dict(stop_at_exact_match=0.9, eval_strategy="steps"), r"--eval_generation_samples > 0"),
 ])

@@ -97,7 +97,7 @@ def check_generation_eval(args, eval_dataset) -> None:
         return
     datasets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
     if any("answer" not in dataset.column_names for dataset in datasets):
-        flag = "--stop_at_exact_match" if args.stop_at_exact_match is not None else "--eval_generation_samples"
+        flag = "--stop_at_exact_match" if args.stop_at_exact_match > 0 else "--eval_generation_samples"
         raise ValueError(f"{flag} needs an eval dataset with an `answer` column (the reference answer each "
                          f"generated completion is scored against; eval_generation_samples="
                          f"{args.eval_generation_samples}); add the column, or set --eval_generation_samples 0.")

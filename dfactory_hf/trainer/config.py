@@ -203,11 +203,12 @@ class DiffusionTrainingArguments(TrainingArguments):
     eval_gen_threshold: float = field(
         default=0.9, metadata={"help": "Confidence threshold for committing tokens during evaluation generation."}
     )
-    stop_at_exact_match: float | None = field(
-        default=None,
+    stop_at_exact_match: float = field(
+        default=0.0,
         metadata={"help": "Stop training at the first evaluation whose exact match (eval_generation_samples "
                           "answered by generation) is >= this value, in (0, 1]; needs an eval_strategy and "
-                          "eval_generation_samples > 0. max_steps stays the budget (and the schedule's length)."},
+                          "eval_generation_samples > 0. max_steps stays the budget (and the schedule's length). "
+                          "0 disables it."},
     )
     # --- parallelism (one DeviceMesh; dfactory_hf/parallel/state.py) ------------------------------------------
     dp_replicate_size: int = field(
@@ -380,10 +381,10 @@ class DiffusionTrainingArguments(TrainingArguments):
                 f"eval_generation_samples ({self.eval_generation_samples}) must be >= 0 and eval_gen_length "
                 f"({self.eval_gen_length}) > 0."
             )
-        if self.stop_at_exact_match is not None:
-            if not (_finite(self.stop_at_exact_match) and 0 < self.stop_at_exact_match <= 1):
-                raise ValueError(f"--stop_at_exact_match ({self.stop_at_exact_match}) must be in (0, 1], e.g. 0.95; "
-                                 "leave it unset to train for max_steps.")
+        if not (_finite(self.stop_at_exact_match) and 0 <= self.stop_at_exact_match <= 1):
+            raise ValueError(f"--stop_at_exact_match ({self.stop_at_exact_match}) must be in (0, 1], e.g. 0.95; "
+                             "0 trains for max_steps.")
+        if self.stop_at_exact_match > 0:
             if self.eval_strategy == "no" or self.eval_generation_samples == 0:
                 raise ValueError(f"--stop_at_exact_match ({self.stop_at_exact_match}) is checked at evaluations "
                                  "that answer by generation: set --eval_strategy steps --eval_steps N and "

@@ -151,7 +151,7 @@ class DiffusionTrainer(Trainer):
             self._interrupt = SaveOnInterrupt(
                 any_rank=lambda flag: bool(self._reduce_sum(torch.tensor(float(flag))).item() > 0))
             self.add_callback(self._interrupt)
-        if self.args.stop_at_exact_match is not None:
+        if self.args.stop_at_exact_match > 0:
             self.add_callback(StopAtExactMatch(self.args.stop_at_exact_match))
         if self.args.profile_steps:
             self.add_callback(ProfileSteps(*parse_profile_steps(self.args.profile_steps)))
