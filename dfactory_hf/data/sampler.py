@@ -68,7 +68,6 @@ trainer keeps a handle on the sampler (`micro_batches_per_step = gradient_accumu
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import logging
 import math
@@ -76,6 +75,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+from .keys import DocumentKey
+from .packing import best_fit, fewest_rows, next_fit
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         self._num_yielded = start
         for micro_batch in plan[start:]:
             self._num_yielded += 1
-            yield list(micro_batch)
+            yield self._keys(micro_batch)
 
     def num_micro_batches(self, epoch: int) -> int:
         """Micro-batches this rank yields in `epoch`: the same on every rank, a multiple of micro_batches_per_step."""
@@ -196,6 +198,15 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
                 f"({expected}); the state was saved by a sampler with other lengths, seed, layout or warmup")
         self._resume = (epoch, done)
         self._num_yielded = done
+
+    def _keys(self, indices: list[int]) -> list[DocumentKey]:
+        """The micro-batch as the collator takes it: keys of this epoch, with their rows when planning rows (listed row
+        by row: in the given order unless best fit needs fewer rows, which the collator then lays out as given)."""
+        if self.row_length is None:
+            return [DocumentKey(index, self.epoch) for index in indices]
+        rows = fewest_rows([self.lengths[index] for index in indices], self.row_length)
+        return [DocumentKey(indices[position], self.epoch, row) for row, positions in enumerate(rows)
+                for position in positions]
 
     # ---- planning ----
     def _num_steps(self, epoch: int) -> int:
@@ -265,62 +276,32 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
 
     def _pack_budget(self, chunk: list[int], num_before: int, first_step: int, per_step: int) -> list[_MicroBatch]:
         """Best fit of documents, longest first, into micro-batches under the budget of their step."""
-        chunk_batches: list[list] = []  # [indices, total, longest, budget]
-        # Open micro-batches as (key, position in chunk_batches), sorted. A sample fits where
-        # key >= need; the least such key leaves the least room (best fit). Samples come longest
-        # first, so a padded micro-batch's cost for one more sample does not depend on it.
-        open_keys: list[tuple[int, int]] = []
-        for index in sorted(chunk, key=self.lengths.__getitem__, reverse=True):
-            length = self.lengths[index]
-            at = bisect.bisect_left(open_keys, (0 if self.padded else length, -1))
-            if at < len(open_keys):
-                position = open_keys.pop(at)[1]
-            else:
-                # Its position fixes its step; splitting (in _plan) only moves micro-batches later, to
-                # steps whose budget is never smaller.
-                position = len(chunk_batches)
-                step = first_step + (num_before + position) // per_step
-                chunk_batches.append([[], 0, 0, self.budget_at_step(step)])
-            batch = chunk_batches[position]
-            batch[0].append(index)
-            batch[1] += length
-            batch[2] = max(batch[2], length)
-            key = batch[3] - (batch[2] * (len(batch[0]) + 1) if self.padded else batch[1])
-            if key >= (0 if self.padded else 1):
-                bisect.insort(open_keys, (key, position))
-        return [(batch[0], batch[1], batch[2]) for batch in chunk_batches]
+        # A micro-batch's position fixes its step; splitting (in _plan) only moves micro-batches later, to steps whose
+        # budget is never smaller.
+        sizes = [self.lengths[index] for index in chunk]
+        packed = best_fit(sizes, lambda position: self.budget_at_step(first_step + (num_before + position) // per_step),
+                          padded=self.padded)
+        return [self._micro_batch([chunk[position] for position in batch]) for batch in packed]
 
     def _pack_rows(self, chunk: list[int], num_before: int, first_step: int, per_step: int) -> list[_MicroBatch]:
         """Best fit of documents, longest first, into rows of `row_length`; then runs of rows, in the order the
-        rows were opened, into micro-batches of `budget // row_length` rows. Indices are listed row by row, so a
-        collator that fills rows in the given order needs at most these rows (it may pull a document forward
-        into an earlier row with room)."""
-        rows: list[list[int]] = []
-        room: list[int] = []
-        open_keys: list[tuple[int, int]] = []  # (room left, row), sorted: the least room that fits is the best fit
-        for index in sorted(chunk, key=self.lengths.__getitem__, reverse=True):
-            length = self.lengths[index]
-            at = bisect.bisect_left(open_keys, (length, -1))
-            if at < len(open_keys):
-                row = open_keys.pop(at)[1]
-            else:
-                row = len(rows)
-                rows.append([])
-                room.append(self.row_length)
-            rows[row].append(index)
-            room[row] -= length
-            if room[row] > 0:
-                bisect.insort(open_keys, (room[row], row))
+        rows were opened, into micro-batches of `budget // row_length` rows. Indices are listed row by row, so
+        filling rows in the given order needs at most these rows (it may pull a document forward into an earlier row
+        with room)."""
+        rows = [[chunk[position] for position in row]
+                for row in best_fit([self.lengths[index] for index in chunk], self.row_length)]
         micro_batches: list[_MicroBatch] = []
         row = 0
         while row < len(rows):
             step = first_step + (num_before + len(micro_batches)) // per_step
             num_rows = max(1, self.budget_at_step(step) // self.row_length)
-            indices = [index for members in rows[row:row + num_rows] for index in members]
-            lengths = [self.lengths[index] for index in indices]
-            micro_batches.append((indices, sum(lengths), max(lengths)))
+            micro_batches.append(self._micro_batch([index for members in rows[row:row + num_rows] for index in members]))
             row += num_rows
         return micro_batches
+
+    def _micro_batch(self, indices: list[int]) -> _MicroBatch:
+        lengths = [self.lengths[index] for index in indices]
+        return indices, sum(lengths), max(lengths)
 
     def _split_costliest(self, micro_batches: list[_MicroBatch], count: int) -> list[_MicroBatch]:
         """Split the costliest multi-document micro-batch in two, `count` times; halves stay in place."""
@@ -341,22 +322,6 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
                     heapq.heappush(heap, (-self._cost(half), serial, position, half))
                     serial += 1
         return [piece for group in pieces for piece in group]
-
-
-def next_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
-    """Rows of positions into `sizes`, filled in the given order: a new row whenever the next item does not fit.
-
-    For items the row planner (`row_length`) listed row by row, this needs no more rows than it planned.
-    """
-    rows: list[list[int]] = []
-    room = 0
-    for position, size in enumerate(sizes):
-        if not rows or size > room:
-            rows.append([])
-            room = capacity
-        rows[-1].append(position)
-        room -= size
-    return rows
 
 
 def _validate(lengths, max_tokens, rank, size, buffer_size, per_step, warmup_tokens, warmup_steps) -> None:

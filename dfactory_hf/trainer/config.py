@@ -356,11 +356,6 @@ class DiffusionTrainingArguments(TrainingArguments):
                 f"eval_generation_samples ({self.eval_generation_samples}) must be >= 0 and eval_gen_length "
                 f"({self.eval_gen_length}) > 0."
             )
-        if self.dataloader_persistent_workers:
-            raise ValueError(
-                "dataloader_persistent_workers=True would freeze the collator's epoch inside the workers, so every "
-                "epoch would reuse the same noise; set it to False."
-            )
         if not (math.isfinite(self.router_bias_update_rate) and self.router_bias_update_rate >= 0):
             raise ValueError(f"--router_bias_update_rate ({self.router_bias_update_rate}) must be >= 0 (0 = off); "
                              "1e-3 is a common choice.")

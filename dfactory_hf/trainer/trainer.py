@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from ..data.collators import edit_token_ids
+from ..data.keys import EpochKeys, KeyedDataset
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
 from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
@@ -124,6 +125,7 @@ class DiffusionTrainer(Trainer):
         self._train_window = MetricWindow(streams=self.objective.edit_streams)
         self._eval_window: MetricWindow | None = None
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
+        self._epoch_keys: EpochKeys | None = None
         self._eval_batch_sampler: ReplicaEvalBatchSampler | None = None
         self._eval_batch_index = 0
         self.router_load = RouterLoad(self.accelerator.unwrap_model(self.model),
@@ -202,7 +204,21 @@ class DiffusionTrainer(Trainer):
         return dataloader
 
     def get_train_dataloader(self):
-        return self._shard_over_data_replicas(super().get_train_dataloader())
+        # Batch items carry their epoch (data/keys.py): the dataset copies each key's epoch (and planned row) into its
+        # feature, so the collator never changes and persistent workers see every epoch's noise.
+        if self.train_dataset is None:
+            return super().get_train_dataloader()  # Trainer's own error
+        dataloader = self._get_dataloader(dataset=KeyedDataset(self.train_dataset), description="Training",
+                                          batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
+                                          is_training=True)
+        self._epoch_keys = None
+        if self._train_batch_sampler is None:
+            # The padded path: accelerate has replaced Trainer's sampler by its seedable one; key its indices in place.
+            batch_sampler = dataloader.batch_sampler
+            while not hasattr(batch_sampler, "sampler"):  # accelerate's BatchSamplerShard, when sharding
+                batch_sampler = batch_sampler.batch_sampler
+            batch_sampler.sampler = self._epoch_keys = EpochKeys(batch_sampler.sampler)
+        return self._shard_over_data_replicas(dataloader)
 
     # --- data -------------------------------------------------------------------------------------------------
 
@@ -222,8 +238,9 @@ class DiffusionTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         # Packing / token budgets: variable-size micro-batches through Trainer's BatchRebalanceSampler path.
         if not self.args.uses_token_budget:
-            return super()._get_train_sampler(train_dataset)
+            return super()._get_train_sampler(getattr(train_dataset, "dataset", train_dataset))
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        dataset = getattr(dataset, "dataset", dataset)  # the documents behind a KeyedDataset
         copies = 2 if self.args.complementary_masking else 1
         budget = self.args.token_budget
         if copies == 2 and 2 * max(dataset["num_tokens"]) > budget:
@@ -279,10 +296,10 @@ class DiffusionTrainer(Trainer):
             self.data_collator = train_collator
 
     def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs):
-        # Trainer does not reach a custom batch sampler's set_epoch after wrapping it for resume, the collator's
-        # noise depends on the epoch, and token-budget epochs differ in length: set all three here.
-        if hasattr(self.data_collator, "set_epoch"):
-            self.data_collator.set_epoch(epoch)
+        # Trainer's set_epoch does not reach a batch sampler once accelerate's skip wrapper holds it (resume), and
+        # token-budget epochs differ in length while Trainer passes every epoch the first one's: set both here.
+        if self._epoch_keys is not None:
+            self._epoch_keys.epoch = epoch  # the noise epoch only: accelerate seeds its own sampler as before
         if self._train_batch_sampler is not None:
             self._train_batch_sampler.set_epoch(epoch)
             steps_in_epoch = len(self._train_batch_sampler)

@@ -1,0 +1,68 @@
+"""Batch items carry their epoch (and planned row): an unchanging collator, persistent DataLoader workers allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+import torch
+from trainer_helpers import demo_data, demo_trainer
+
+from dfactory_hf.data.keys import DocumentKey, KeyedDataset
+
+MODES = {"padded": {}, "packing": dict(packing=True, max_tokens_per_micro_batch=256)}
+
+
+def _losses(tmp_path, mode, **overrides):
+    trainer = demo_trainer(tmp_path, data=demo_data(num_train=24, task="add2"), max_steps=-1, num_train_epochs=3,
+                           logging_steps=1, **MODES[mode], **overrides)
+    collator = dict(vars(trainer.data_collator))
+    trainer.train()
+    assert vars(trainer.data_collator) == collator  # nothing pushed into the collator during training
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], trainer
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_persistent_workers_train_the_same_losses_as_the_main_process(tmp_path, mode):
+    in_process, trainer = _losses(tmp_path / "main", mode)
+    persistent, _ = _losses(tmp_path / "workers", mode, dataloader_num_workers=1,
+                            dataloader_persistent_workers=True)
+    assert trainer.state.epoch == pytest.approx(3.0) and len(in_process) == trainer.state.global_step > 3
+    assert persistent == in_process
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_epoch_draws_the_noise_of_the_seeding_formula(tmp_path, mode):
+    # The features training batches are made of carry their epoch; a collator given that epoch by hand (the formula of
+    # collators.py: seed, epoch, sample_index) draws the same noise for them, and the epochs draw different noise.
+    trainer = demo_trainer(tmp_path, data=demo_data(num_train=24, task="add2"), max_steps=-1, num_train_epochs=2,
+                           **MODES[mode])
+    seen = []
+    original = trainer.data_collator.__call__
+
+    class Recording(type(trainer.data_collator)):
+        def __call__(self, features):
+            seen.extend(features)
+            return original(features)
+
+    trainer.data_collator.__class__ = Recording
+    trainer.train()
+    assert [feature["epoch"] for feature in seen] == sorted(feature["epoch"] for feature in seen)
+    assert {feature["epoch"] for feature in seen} == {0, 1}
+    assert all(("row" in feature) == (mode == "packing") for feature in seen)
+    by_epoch = {}
+    for feature in seen:
+        plain = {key: value for key, value in feature.items() if key not in ("epoch", "row")}
+        reference = dataclasses.replace(trainer.data_collator, epoch=feature["epoch"])
+        (drawn,), (expected,) = trainer.data_collator.noise(feature), reference.noise(plain)
+        assert torch.equal(drawn.x_t, expected.x_t) and drawn.mask_rate == expected.mask_rate
+        by_epoch.setdefault(feature["sample_index"], {})[feature["epoch"]] = drawn.x_t
+    assert any(not torch.equal(noise[0], noise[1]) for noise in by_epoch.values() if len(noise) == 2)
+
+
+def test_keys_survive_the_trip_to_a_worker_and_reach_the_feature():
+    key = pickle.loads(pickle.dumps(DocumentKey(5, epoch=2, row=1)))
+    assert (key, key.epoch, key.row, [10, 11, 12, 13, 14, 15][key]) == (5, 2, 1, 15)
+    dataset = KeyedDataset([{"sample_index": i} for i in range(6)])
+    assert dataset.__getitems__([key, 3]) == [{"sample_index": 5, "epoch": 2, "row": 1}, {"sample_index": 3}]
