@@ -13,6 +13,9 @@ re-sharding into a pass-through)::
         for micro_batch in sampler:  # list of dataset indices, cost <= the step's token budget
             ...
 
+The indices are `DocumentKey`s (data/keys.py): ints that also carry the epoch (the collator's noise seed) and, with
+`row_length`, the row of the micro-batch each document goes into, so the packing collator only lays the rows out.
+
 Every rank builds the same global plan of an epoch, without communication, then keeps its share:
 
 1. a permutation of all indices seeded by `seed + epoch` (identity when `shuffle=False`);
@@ -26,7 +29,9 @@ Every rank builds the same global plan of an epoch, without communication, then 
    collator builds (rows x row_length), not just the document tokens, and rows come out nearly full
    (the benchmark's `mixed` data, 4,000 documents, budget 8 x max_seq_len: micro-batches planned on
    document tokens alone and re-packed by the collator held 9.6% row padding at max_seq_len 512 and
-   6.8% at 1024; rows planned here, 0.7% and 0.4%, with the same number of micro-batches);
+   6.8% at 1024; rows planned here, 0.7% and 0.4%, with the same number of micro-batches). A micro-batch's
+   rows are its documents filled in order (`next_fit`), or best fit where that needs fewer rows (after a split,
+   step 3), and it is yielded row by row with each key's row;
 3. the count is raised to a multiple of K = `data_parallel_size * micro_batches_per_step` by splitting
    the costliest multi-document micro-batches in two. Only when there are too few documents for that
    does `drop_last=True` drop the last `count % K` micro-batches (else `ValueError`);

@@ -296,8 +296,13 @@ class DiffusionTrainer(Trainer):
             self.data_collator = train_collator
 
     def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs):
-        # Trainer's set_epoch does not reach a batch sampler once accelerate's skip wrapper holds it (resume), and
-        # token-budget epochs differ in length while Trainer passes every epoch the first one's: set both here.
+        # Kept (with the two below) because token-budget epochs differ in length (each permutation packs into its own
+        # count of micro-batches, and warmup epochs hold more, smaller ones) while Trainer 5.x takes one length, the
+        # first epoch's, for every epoch, for the resume position and for the epoch count, and has no public hook
+        # for any of the three. Equal-length epochs would need extra splits (fewer tokens per micro-batch: slower
+        # training) or other batches than the tested plans. Here: the epoch's own length (a longer epoch would be
+        # cut short), and the epoch named to the samplers, which Trainer's set_epoch does not reach once
+        # accelerate's skip wrapper holds them (resume).
         if self._epoch_keys is not None:
             self._epoch_keys.epoch = epoch  # the noise epoch only: accelerate seeds its own sampler as before
         if self._train_batch_sampler is not None:
@@ -309,7 +314,8 @@ class DiffusionTrainer(Trainer):
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial):
-        # Token-budget epochs differ in length, so the resumed (epoch, micro-batch) comes from the sampler's plans.
+        # Token-budget epochs differ in length (see _run_epoch): Trainer's global_step // (first epoch's steps) would
+        # resume in the wrong epoch, so the resumed (epoch, micro-batch) comes from the sampler's plans.
         epochs_trained, steps_trained = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
         if self._train_batch_sampler is not None and self.state.global_step > 0:
@@ -322,7 +328,8 @@ class DiffusionTrainer(Trainer):
     def set_initial_training_values(self, args, dataloader):
         values = list(super().set_initial_training_values(args, dataloader))
         if self._train_batch_sampler is not None and args.max_steps > 0:
-            # Later epochs can be shorter than the first; count epochs with the sampler's own plans.
+            # Later epochs can be shorter than the first (see _run_epoch), and Trainer counts max_steps / (the first
+            # epoch's steps) epochs: training would end early. Count epochs with the sampler's own plans.
             values[0] = _epochs_to_cover(self._train_batch_sampler, args.max_steps * args.gradient_accumulation_steps)
         return tuple(values)
 
