@@ -66,3 +66,21 @@ def test_keys_survive_the_trip_to_a_worker_and_reach_the_feature():
     assert (key, key.epoch, key.row, [10, 11, 12, 13, 14, 15][key]) == (5, 2, 1, 15)
     dataset = KeyedDataset([{"sample_index": i} for i in range(6)])
     assert dataset.__getitems__([key, 3]) == [{"sample_index": 5, "epoch": 2, "row": 1}, {"sample_index": 3}]
+
+
+def test_the_supervised_positions_are_found_once_per_micro_batch(tmp_path, monkeypatch):
+    import dfactory_hf.trainer.forward as forward
+
+    calls = []
+
+    def counting(labels, **kwargs):
+        calls.append(labels.shape)
+        return gather(labels, **kwargs)
+
+    gather = forward.gather_supervised
+    monkeypatch.setattr(forward, "gather_supervised", counting)
+    trainer = demo_trainer(tmp_path, data=demo_data(num_train=24, task="add2"), max_steps=3,
+                           gradient_accumulation_steps=2, **MODES["packing"])
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.state.total_flos > 0
+    assert len(calls) == 3 * 2  # the count of the step, the loss and the FLOPs share one selector

@@ -126,6 +126,7 @@ class DiffusionTrainer(Trainer):
         self._eval_window: MetricWindow | None = None
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
         self._epoch_keys: EpochKeys | None = None
+        self._step_supervised: dict[int, tuple] = {}
         self._eval_batch_sampler: ReplicaEvalBatchSampler | None = None
         self._eval_batch_index = 0
         self.router_load = RouterLoad(self.accelerator.unwrap_model(self.model),
@@ -405,7 +406,10 @@ class DiffusionTrainer(Trainer):
         # loss is normalised by exactly the positions it supervises, summed over the step and all ranks.
         if not batch_samples:
             return None
-        count = sum(int(self.objective.supervised(batch)[0].sum()) for batch in batch_samples)
+        # Each micro-batch's supervised positions, once: counted here, and taken up by its loss and FLOPs.
+        self._step_supervised = {id(batch["labels"]): (batch["labels"], self.objective.supervised(batch))
+                                 for batch in batch_samples}
+        count = sum(int(selector.sum()) for _, (selector, _) in self._step_supervised.values())
         count = torch.tensor(count, device=device)
         if self.args.average_tokens_across_devices:
             count = self.parallel_state.sum_over_data(count)  # one count per data replica
@@ -418,7 +422,7 @@ class DiffusionTrainer(Trainer):
         config = self.accelerator.unwrap_model(self.model).config
         flops = batch_training_flops(config, inputs, block_size=self.args.block_size,
                                      block_diffusion=self.args.block_diffusion_mode,
-                                     num_logits=int(self.objective.supervised(inputs)[0].sum()))
+                                     num_logits=int(self._supervised(inputs)[0].sum()))
         flops /= self.parallel_state.sp_size
         self._train_window.add_flops(flops)
         return flops
@@ -430,7 +434,7 @@ class DiffusionTrainer(Trainer):
             step = diffusion_step(model, inputs, self.objective,
                                   attn_implementation=self._attn_implementation(model),
                                   mask_dtype=self._mask_dtype(model), num_items=num_items_in_batch,
-                                  sequence_shard=self.sequence_shard)
+                                  sequence_shard=self.sequence_shard, supervised=self._supervised(inputs))
         loss = step.loss.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP/FSDP average gradients over every rank; the loss is already a global token mean (of this rank's
@@ -541,6 +545,14 @@ class DiffusionTrainer(Trainer):
         return output
 
     # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _supervised(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selector, targets) of a micro-batch of this step (computed in _get_num_items_in_batch), else computed."""
+        labels = batch["labels"]
+        known = self._step_supervised.get(id(labels))
+        if known is not None and known[0] is labels:  # the same tensor (the entry holds it, so its id is not reused)
+            return known[1]
+        return self.objective.supervised(batch)
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         # Metric sums: per-rank partials (sp ranks split positions); per-replica counts come from sp rank 0 only.
