@@ -56,19 +56,14 @@ Resume: `state_dict()` holds the epoch and the micro-batches yielded in it; a ne
 then the next epochs as an uninterrupted run. Under a DataLoader the sampler runs ahead of the model
 (prefetch): load `{"epoch": e, "num_micro_batches_yielded": n}` with n the count the model consumed.
 
-`transformers.Trainer` (5.23): on resume it wraps the dataloader with `skip_first_batches`, after which
-its `set_epoch` no longer reaches this sampler, and it assumes every epoch as long as the first. So the
-trainer keeps a handle on the sampler (`micro_batches_per_step = gradient_accumulation_steps`;
-`per_device_train_batch_size` is ignored) and overrides
-- `_run_epoch(model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, ...)`: call
-  `sampler.set_epoch(epoch)`, then `super()` with `steps_in_epoch=len(sampler)` and
-  `num_update_steps_per_epoch=len(sampler) // gradient_accumulation_steps`; Trainer's own skipping
-  then drops exactly the micro-batches already trained;
-- `_init_training_state`: on resume, return
-  `sampler.locate_micro_batch(state.global_step * gradient_accumulation_steps)` as
-  `(epochs_trained, steps_trained_in_current_epoch)`;
-- `set_initial_training_values`: with `max_steps`, Trainer derives `num_train_epochs` from the first
-  epoch's length; shorter later epochs would end training early, so count epochs with the sampler.
+`transformers.Trainer` (5.23) assumes every epoch as long as the first: for its loop, for the resume position
+(`global_step // steps per epoch`, then `skip_first_batches`) and for the number of epochs `max_steps` needs. So the
+trainer hands Trainer a `TrainingStream` (`micro_batches_per_step = gradient_accumulation_steps`;
+`per_device_train_batch_size` is ignored): this sampler's epochs end to end, cut into Trainer epochs of the first
+epoch's count, which makes Trainer's own arithmetic exact, resume included; the stream starts each piece through
+`locate_micro_batch` and `load_state_dict`, the one resume path. A Trainer epoch is then that many micro-batches, not
+one pass over the data: logged `epoch` values and `*_strategy="epoch"` follow the pieces, the noise follows the
+data epoch each key carries.
 """
 
 from __future__ import annotations
@@ -327,6 +322,44 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
                     heapq.heappush(heap, (-self._cost(half), serial, position, half))
                     serial += 1
         return [piece for group in pieces for piece in group]
+
+
+class TrainingStream(BatchRebalanceSampler):
+    """A token-budget sampler's epochs end to end, in Trainer epochs of one fixed length: its first epoch's count.
+
+    Token-budget epochs differ in length (each permutation packs into its own count, warmup epochs hold more, smaller
+    micro-batches), while `transformers.Trainer` (5.x) takes the first epoch's length for every epoch: for the loop,
+    for the resume position (`global_step // steps per epoch`) and for the number of epochs `max_steps` needs. Cut
+    into equal pieces, the stream makes all three exact with Trainer's own arithmetic, and its micro-batches are the
+    ones the epochs yield in turn, each key carrying its own epoch (the noise seed): Trainer epoch k is micro-batches
+    [k * len(self), (k + 1) * len(self)) of the stream. `set_epoch(k)` picks the piece; the trainer also sets it at
+    each epoch start (a callback), since Trainer's own call does not reach it behind accelerate's skip wrapper.
+    """
+
+    def __init__(self, sampler: TokenBudgetBatchSampler):
+        # Not named `sampler`: accelerate's set_epoch would reach through that name and set the plans' epoch.
+        self.plans = sampler
+        super().__init__(lengths=sampler.lengths, effective_batch_size=len(sampler.lengths), dp_size=sampler.dp_size,
+                         grad_accum=sampler.grad_accum, shuffle=sampler.shuffle, seed=sampler.seed, rank=sampler.rank,
+                         drop_last=sampler.drop_last)
+        self.num_micro_batches = sampler.num_micro_batches(0)
+        self.steps_per_epoch = self.num_micro_batches // sampler.grad_accum
+
+    def __len__(self) -> int:
+        return self.num_micro_batches
+
+    def __iter__(self) -> Iterator[list[DocumentKey]]:
+        # The plans' own resume path: start `offset` micro-batches into `epoch`, then the next epochs in turn.
+        epoch, offset = self.plans.locate_micro_batch(self.epoch * self.num_micro_batches)
+        remaining = self.num_micro_batches
+        while remaining:
+            self.plans.load_state_dict({"epoch": epoch, "num_micro_batches_yielded": offset})
+            for micro_batch in self.plans:
+                yield micro_batch
+                remaining -= 1
+                if not remaining:
+                    return
+            epoch, offset = epoch + 1, 0
 
 
 def _validate(lengths, max_tokens, rank, size, buffer_size, per_step, warmup_tokens, warmup_steps) -> None:

@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from ..data.collators import edit_token_ids
 from ..data.keys import EpochKeys, KeyedDataset
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
-from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
+from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler, TrainingStream
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
 from ..parallel.expert import apply_expert_parallel, check_expert_parallel
 from ..parallel.fsdp import (apply_activation_checkpointing, check_fsdp_engaged, check_fsdp_layout,
@@ -125,7 +125,9 @@ class DiffusionTrainer(Trainer):
         self._train_window = MetricWindow(streams=self.objective.edit_streams)
         self._eval_window: MetricWindow | None = None
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
+        self._train_stream: TrainingStream | None = None
         self._epoch_keys: EpochKeys | None = None
+        self.add_callback(_EpochStart(self))
         self._step_supervised: dict[int, tuple] = {}
         self._eval_batch_sampler: ReplicaEvalBatchSampler | None = None
         self._eval_batch_index = 0
@@ -269,7 +271,9 @@ class DiffusionTrainer(Trainer):
             # as one document of twice the length, which may not fit a row; those keep the token-sum plan.
             row_length=self.args.max_seq_len if self.args.packing and copies == 1 else None,
         )
-        return self._train_batch_sampler
+        # Trainer's arithmetic needs epochs of one length: the sampler's epochs end to end, in equal pieces.
+        self._train_stream = TrainingStream(self._train_batch_sampler)
+        return self._train_stream
 
     def _planned_optimizer_steps(self, dataset) -> int:
         if self.args.max_steps > 0:
@@ -295,44 +299,6 @@ class DiffusionTrainer(Trainer):
             return self._shard_over_data_replicas(super().get_eval_dataloader(eval_dataset))
         finally:
             self.data_collator = train_collator
-
-    def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs):
-        # Kept (with the two below) because token-budget epochs differ in length (each permutation packs into its own
-        # count of micro-batches, and warmup epochs hold more, smaller ones) while Trainer 5.x takes one length, the
-        # first epoch's, for every epoch, for the resume position and for the epoch count, and has no public hook
-        # for any of the three. Equal-length epochs would need extra splits (fewer tokens per micro-batch: slower
-        # training) or other batches than the tested plans. Here: the epoch's own length (a longer epoch would be
-        # cut short), and the epoch named to the samplers, which Trainer's set_epoch does not reach once
-        # accelerate's skip wrapper holds them (resume).
-        if self._epoch_keys is not None:
-            self._epoch_keys.epoch = epoch  # the noise epoch only: accelerate seeds its own sampler as before
-        if self._train_batch_sampler is not None:
-            self._train_batch_sampler.set_epoch(epoch)
-            steps_in_epoch = len(self._train_batch_sampler)
-            num_update_steps_per_epoch = max(1, math.ceil(steps_in_epoch / self.args.gradient_accumulation_steps))
-        return super()._run_epoch(model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch,
-                                  *args, **kwargs)
-
-    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
-                             trial):
-        # Token-budget epochs differ in length (see _run_epoch): Trainer's global_step // (first epoch's steps) would
-        # resume in the wrong epoch, so the resumed (epoch, micro-batch) comes from the sampler's plans.
-        epochs_trained, steps_trained = super()._init_training_state(
-            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
-        if self._train_batch_sampler is not None and self.state.global_step > 0:
-            micro_batches = self.state.global_step * self.args.gradient_accumulation_steps
-            epochs_trained, steps_trained = self._train_batch_sampler.locate_micro_batch(micro_batches)
-            if self.args.ignore_data_skip:
-                steps_trained = 0
-        return epochs_trained, steps_trained
-
-    def set_initial_training_values(self, args, dataloader):
-        values = list(super().set_initial_training_values(args, dataloader))
-        if self._train_batch_sampler is not None and args.max_steps > 0:
-            # Later epochs can be shorter than the first (see _run_epoch), and Trainer counts max_steps / (the first
-            # epoch's steps) epochs: training would end early. Count epochs with the sampler's own plans.
-            values[0] = _epochs_to_cover(self._train_batch_sampler, args.max_steps * args.gradient_accumulation_steps)
-        return tuple(values)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # Trainer resumes with a plain load_state_dict of the saved file; our checkpoints are in the hub's
@@ -580,18 +546,16 @@ class _RouterStep(TrainerCallback):
         self.router_load.optimizer_step()
 
 
+class _EpochStart(TrainerCallback):
+    """At every epoch start, a resumed one included (where Trainer's set_epoch does not reach a batch sampler behind
+    accelerate's skip wrapper): the token-budget stream's piece, or the epoch the padded path's keys carry."""
 
+    def __init__(self, trainer: DiffusionTrainer):
+        self.trainer = trainer
 
-
-
-
-
-def _epochs_to_cover(sampler: TokenBudgetBatchSampler, num_micro_batches: int) -> int:
-    epochs, covered = 0, 0
-    while covered < num_micro_batches:
-        covered += sampler.num_micro_batches(epochs)
-        epochs += 1
-    return epochs
-
-
-
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._train_stream is not None:
+            stream = self.trainer._train_stream
+            stream.set_epoch(state.global_step // stream.steps_per_epoch)  # every piece is steps_per_epoch steps
+        if self.trainer._epoch_keys is not None:
+            self.trainer._epoch_keys.epoch = int(state.epoch or 0)  # Trainer's epoch: [0, 1) is epoch 0, ...
