@@ -128,7 +128,7 @@ class DiffusionTrainer(Trainer):
         self._train_stream: TrainingStream | None = None
         self._epoch_keys: EpochKeys | None = None
         self.add_callback(_EpochStart(self))
-        self._step_supervised: dict[int, tuple] = {}
+        self._step_supervised: dict[int, tuple] = {}  # id(labels) -> (labels, (selector, targets)), this step's
         self._eval_batch_sampler: ReplicaEvalBatchSampler | None = None
         self._eval_batch_index = 0
         self.router_load = RouterLoad(self.accelerator.unwrap_model(self.model),
