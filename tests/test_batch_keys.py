@@ -84,3 +84,12 @@ def test_the_supervised_positions_are_found_once_per_micro_batch(tmp_path, monke
     trainer.train()
     assert trainer.state.global_step == 3 and trainer.state.total_flos > 0
     assert len(calls) == 3 * 2  # the count of the step, the loss and the FLOPs share one selector
+
+
+def test_persistent_workers_without_workers_are_refused_at_parsing(tmp_path):
+    from trainer_helpers import demo_args
+
+    with pytest.raises(ValueError, match=r"--dataloader_persistent_workers .* needs --dataloader_num_workers > 0 "
+                                         r"\(it is 0\)"):
+        demo_args(tmp_path, dataloader_persistent_workers=True)
+    assert demo_args(tmp_path, dataloader_persistent_workers=True, dataloader_num_workers=1).dataloader_persistent_workers

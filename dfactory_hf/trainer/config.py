@@ -356,6 +356,10 @@ class DiffusionTrainingArguments(TrainingArguments):
                 f"eval_generation_samples ({self.eval_generation_samples}) must be >= 0 and eval_gen_length "
                 f"({self.eval_gen_length}) > 0."
             )
+        if self.dataloader_persistent_workers and self.dataloader_num_workers == 0:
+            raise ValueError("--dataloader_persistent_workers keeps DataLoader workers between epochs and needs "
+                             "--dataloader_num_workers > 0 (it is 0); set --dataloader_num_workers, or leave "
+                             "persistent workers off.")
         if not (math.isfinite(self.router_bias_update_rate) and self.router_bias_update_rate >= 0):
             raise ValueError(f"--router_bias_update_rate ({self.router_bias_update_rate}) must be >= 0 (0 = off); "
                              "1e-3 is a common choice.")
