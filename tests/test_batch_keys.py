@@ -93,3 +93,15 @@ def test_persistent_workers_without_workers_are_refused_at_parsing(tmp_path):
                                          r"\(it is 0\)"):
         demo_args(tmp_path, dataloader_persistent_workers=True)
     assert demo_args(tmp_path, dataloader_persistent_workers=True, dataloader_num_workers=1).dataloader_persistent_workers
+
+
+def test_the_packing_collator_lays_out_the_planned_rows_and_refuses_rows_too_long():
+    from dfactory_hf.data.collators import PackingCollator
+
+    features = [dict(input_ids=[7] * n, prompt_length=1, sample_index=i, row=row)
+                for i, (n, row) in enumerate([(8, 1), (4, 0), (4, 1), (8, 0)])]
+    batch = PackingCollator(mask_token_id=2, pad_token_id=0, block_size=4, max_seq_len=16)(features)
+    assert batch["attention_mask"].sum(1).tolist() == [12, 12]  # as planned: [4, 8] and [8, 4], not best fit
+    assert batch["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 0]
+    with pytest.raises(ValueError, match=r"^The planned row 0 holds 12 tokens, not 1 to max_seq_len=8"):
+        PackingCollator(mask_token_id=2, pad_token_id=0, block_size=4, max_seq_len=8)(features)

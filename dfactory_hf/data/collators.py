@@ -23,8 +23,9 @@ Noise is seeded per document from (seed, sample_index, epoch), so a document get
 batch, row or rank, and a resumed run draws what an uninterrupted one would. The epoch comes with the feature
 (`epoch`, added by the trainer's samplers, data/keys.py), so a collator never changes during training and DataLoader
 workers may persist; a feature without one (direct calls) takes the collator's `epoch` (`set_epoch`). The packing
-collator lays out the rows the token-budget sampler planned (`row`) and packs only features that bring none. With `complementary_masking` each document yields two documents whose masks
-together cover every response token exactly once (both land in the same batch).
+collator lays out the rows the token-budget sampler planned (`row`) and packs only features that bring none.
+With `complementary_masking` each document yields two documents whose masks together cover every response token
+exactly once (both land in the same batch).
 
 Draft-and-edit (LLaDA2.1, `edit_noise_rate` > 0): after masking, each response token left visible is replaced by
 a random token from `edit_token_ids` with that probability and supervised with its clean token (REFERENCE 8).
@@ -184,8 +185,8 @@ class PackingCollator(DiffusionCollator):
     max_seq_len: int = 2048
 
     def layout(self, documents, planned=None):
-        sizes = [len(doc.x_0) for doc in documents]
         if planned is None:  # no sampler planned the rows (direct use, complementary pairs)
+            sizes = [len(doc.x_0) for doc in documents]
             return [[documents[position] for position in row] for row in fewest_rows(sizes, self.max_seq_len)]
         rows: list[list[NoisedDocument]] = [[] for _ in range(max(planned) + 1)]
         for doc, row in zip(documents, planned):
