@@ -85,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfactory_hf.data.collators import PackingCollator, PaddingCollator  # noqa: E402
 from dfactory_hf.data.preprocessing import prepare_dataset  # noqa: E402
+from dfactory_hf.data.keys import KeyedDataset  # noqa: E402
 from dfactory_hf.data.sampler import TokenBudgetBatchSampler  # noqa: E402
 from dfactory_hf.demo.arithmetic import make_arithmetic_dataset  # noqa: E402
 from dfactory_hf.demo.tokenizer import load_demo_tokenizer  # noqa: E402
@@ -139,7 +140,8 @@ def collate(spec: dict, tokenizer, documents, micro_batches: list[list[int]], la
         collator = PaddingCollator(**common, pad_to_max_seq_len=True)
         indices = [index for micro_batch in micro_batches for index in micro_batch]
         groups = [indices[start:start + spec["batch_size"]] for start in range(0, len(indices), spec["batch_size"])]
-    return [collator([documents[index] for index in group]) for group in groups]
+    keyed = KeyedDataset(documents)  # as the trainer fetches: each feature with its epoch and planned row
+    return [collator(keyed.__getitems__(group)) for group in groups]
 
 
 # ---- one configuration, in its own process -------------------------------------------------------------------

@@ -20,9 +20,12 @@ Every collator emits, for R rows of length L (L a multiple of `block_size`)::
   add flash-attention varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`).
 
 Noise is seeded per document from (seed, sample_index, epoch), so a document gets the same x_t whatever its
-batch, row or rank, and a resumed run draws what an uninterrupted one would. `set_epoch` is called by the
-trainer at each epoch start. With `complementary_masking` each document yields two documents whose masks
-together cover every response token exactly once (both land in the same batch).
+batch, row or rank, and a resumed run draws what an uninterrupted one would. The epoch comes with the feature
+(`epoch`, added by the trainer's samplers, data/keys.py), so a collator never changes during training and DataLoader
+workers may persist; a feature without one (direct calls) takes the collator's `epoch` (`set_epoch`). The packing
+collator lays out the rows the token-budget sampler planned (`row`) and packs only features that bring none.
+With `complementary_masking` each document yields two documents whose masks together cover every response token
+exactly once (both land in the same batch).
 
 Draft-and-edit (LLaDA2.1, `edit_noise_rate` > 0): after masking, each response token left visible is replaced by
 a random token from `edit_token_ids` with that probability and supervised with its clean token (REFERENCE 8).
@@ -52,9 +55,7 @@ from ..diffusion.noise import (
     mask_document,
     sample_mask_rate,
 )
-from .sampler import next_fit
-
-
+from .packing import best_fit, check_fits, fewest_rows
 
 NOT_SUPERVISED, MASKED, EDITED, KEPT = 0, 1, 2, 3  # `noise_kind` values
 
@@ -102,14 +103,20 @@ class DiffusionCollator:
                                 if self.edit_token_ids else None)
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of features that carry none (direct calls); the trainer's batch items carry their own."""
         self.epoch = epoch
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        documents = [doc for feature in features for doc in self.noise(feature)]
-        rows = self.layout(documents)
+        noised = [self.noise(feature) for feature in features]
+        documents = [doc for docs in noised for doc in docs]
+        planned = None
+        if features and all("row" in feature for feature in features):  # rows the token-budget sampler planned
+            planned = [int(feature["row"]) for feature, docs in zip(features, noised) for _ in docs]
+        rows = self.layout(documents, planned)
         return rows_to_batch(rows, self.row_length(rows), self.pad_token_id)
 
-    def layout(self, documents: list[NoisedDocument]) -> list[list[NoisedDocument]]:
+    def layout(self, documents: list[NoisedDocument], planned: list[int] | None = None) -> list[list[NoisedDocument]]:
+        """Documents into rows; `planned` (a row number per document, rows listed in order) where a sampler chose."""
         raise NotImplementedError
 
     def row_length(self, rows: list[list[NoisedDocument]]) -> int:
@@ -132,7 +139,8 @@ class DiffusionCollator:
             kind = torch.where(x_t == self.mask_token_id, MASKED, EDITED).to(torch.int8) * supervised
             rate = int(supervised.sum()) / max(len(x_0) - prompt_length, 1)
             return [NoisedDocument(x_0, x_t, labels, rate, kind)]
-        generator = document_generator(self.seed, int(feature["sample_index"]), self.epoch)
+        epoch = int(feature["epoch"]) if "epoch" in feature else self.epoch
+        generator = document_generator(self.seed, int(feature["sample_index"]), epoch)
         if self.fixed_mask_rate is not None:
             t = self.fixed_mask_rate
         else:
@@ -169,7 +177,7 @@ class PaddingCollator(DiffusionCollator):
     max_seq_len: int | None = None
     pad_to_max_seq_len: bool = False
 
-    def layout(self, documents):
+    def layout(self, documents, planned=None):
         return [[doc] for doc in documents]
 
     def row_length(self, rows):
@@ -186,23 +194,26 @@ class PaddingCollator(DiffusionCollator):
 class PackingCollator(DiffusionCollator):
     max_seq_len: int = 2048
 
-    def layout(self, documents):
-        # The token-budget sampler (`row_length=max_seq_len`) hands over a micro-batch's documents row by row, so
-        # filling rows in the given order needs no more rows than it planned; for any other order best-fit
-        # decreasing does better. Take whichever needs fewer rows (in order on a tie).
-        in_order = pack_in_order(documents, self.max_seq_len)
-        fewest_possible = -(-sum(len(doc.x_0) for doc in documents) // self.max_seq_len)
-        if len(in_order) == fewest_possible:  # the usual case behind the sampler: nothing to improve
-            return in_order
-        best_fit = pack_best_fit(documents, self.max_seq_len)
-        return in_order if len(in_order) <= len(best_fit) else best_fit
+    def layout(self, documents, planned=None):
+        if planned is None:  # no sampler planned the rows (direct use, complementary pairs)
+            sizes = [len(doc.x_0) for doc in documents]
+            return [[documents[position] for position in row] for row in fewest_rows(sizes, self.max_seq_len)]
+        rows: list[list[NoisedDocument]] = [[] for _ in range(max(planned) + 1)]
+        for doc, row in zip(documents, planned):
+            rows[row].append(doc)
+        for number, row in enumerate(rows):
+            if not row or sum(len(doc.x_0) for doc in row) > self.max_seq_len:
+                raise ValueError(f"The planned row {number} holds {sum(len(doc.x_0) for doc in row)} tokens, not 1 to "
+                                 f"max_seq_len={self.max_seq_len}: the sampler planned rows of another length; "
+                                 f"pass the same max_seq_len to both")
+        return rows
 
 
 @dataclass
 class PositionIdCollator(DiffusionCollator):
     return_flash_attn_kwargs: bool = False
 
-    def layout(self, documents):
+    def layout(self, documents, planned=None):
         return [documents]
 
     def __call__(self, features):
@@ -234,35 +245,11 @@ def edit_token_ids(tokenizer, *, vocab_size: int) -> tuple[int, ...]:
     return tuple(i for i in range(min(len(tokenizer), vocab_size)) if i not in special)
 
 
-def _check_fits(size: int, capacity: int) -> None:
-    if size > capacity:
-        raise ValueError(f"A document of {size} tokens does not fit a row of max_seq_len={capacity} tokens.")
-
-
-def pack_in_order(documents: list[NoisedDocument], capacity: int) -> list[list[NoisedDocument]]:
-    """Next fit: documents in the given order, a new row whenever the next one does not fit the current row."""
-    sizes = [len(doc.x_0) for doc in documents]
-    for size in sizes:
-        _check_fits(size, capacity)
-    return [[documents[position] for position in row] for row in next_fit(sizes, capacity)]
-
-
 def pack_best_fit(documents: list[NoisedDocument], capacity: int) -> list[list[NoisedDocument]]:
     """Best-fit decreasing: each document (longest first) goes to the fullest row it still fits in."""
-    rows: list[list[NoisedDocument]] = []
-    room: list[int] = []
-    for doc in sorted(documents, key=lambda d: -len(d.x_0)):
-        size = len(doc.x_0)
-        _check_fits(size, capacity)
-        fits = [r for r in range(len(rows)) if room[r] >= size]
-        if fits:
-            best = min(fits, key=lambda r: room[r])
-            rows[best].append(doc)
-            room[best] -= size
-        else:
-            rows.append([doc])
-            room.append(capacity - size)
-    return rows
+    sizes = [len(doc.x_0) for doc in documents]
+    check_fits(sizes, capacity)
+    return [[documents[position] for position in row] for row in best_fit(sizes, capacity)]
 
 
 def rows_to_batch(rows: list[list[NoisedDocument]], row_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,9 @@ re-sharding into a pass-through)::
         for micro_batch in sampler:  # list of dataset indices, cost <= the step's token budget
             ...
 
+The indices are `DocumentKey`s (data/keys.py): ints that also carry the epoch (the collator's noise seed) and, with
+`row_length`, the row of the micro-batch each document goes into, so the packing collator only lays the rows out.
+
 Every rank builds the same global plan of an epoch, without communication, then keeps its share:
 
 1. a permutation of all indices seeded by `seed + epoch` (identity when `shuffle=False`);
@@ -26,7 +29,9 @@ Every rank builds the same global plan of an epoch, without communication, then 
    collator builds (rows x row_length), not just the document tokens, and rows come out nearly full
    (the benchmark's `mixed` data, 4,000 documents, budget 8 x max_seq_len: micro-batches planned on
    document tokens alone and re-packed by the collator held 9.6% row padding at max_seq_len 512 and
-   6.8% at 1024; rows planned here, 0.7% and 0.4%, with the same number of micro-batches);
+   6.8% at 1024; rows planned here, 0.7% and 0.4%, with the same number of micro-batches). A micro-batch's
+   rows are its documents filled in order (`next_fit`), or best fit where that needs fewer rows (after a split,
+   step 3), and it is yielded row by row with each key's row;
 3. the count is raised to a multiple of K = `data_parallel_size * micro_batches_per_step` by splitting
    the costliest multi-document micro-batches in two. Only when there are too few documents for that
    does `drop_last=True` drop the last `count % K` micro-batches (else `ValueError`);
@@ -51,24 +56,18 @@ Resume: `state_dict()` holds the epoch and the micro-batches yielded in it; a ne
 then the next epochs as an uninterrupted run. Under a DataLoader the sampler runs ahead of the model
 (prefetch): load `{"epoch": e, "num_micro_batches_yielded": n}` with n the count the model consumed.
 
-`transformers.Trainer` (5.23): on resume it wraps the dataloader with `skip_first_batches`, after which
-its `set_epoch` no longer reaches this sampler, and it assumes every epoch as long as the first. So the
-trainer keeps a handle on the sampler (`micro_batches_per_step = gradient_accumulation_steps`;
-`per_device_train_batch_size` is ignored) and overrides
-- `_run_epoch(model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, ...)`: call
-  `sampler.set_epoch(epoch)`, then `super()` with `steps_in_epoch=len(sampler)` and
-  `num_update_steps_per_epoch=len(sampler) // gradient_accumulation_steps`; Trainer's own skipping
-  then drops exactly the micro-batches already trained;
-- `_init_training_state`: on resume, return
-  `sampler.locate_micro_batch(state.global_step * gradient_accumulation_steps)` as
-  `(epochs_trained, steps_trained_in_current_epoch)`;
-- `set_initial_training_values`: with `max_steps`, Trainer derives `num_train_epochs` from the first
-  epoch's length; shorter later epochs would end training early, so count epochs with the sampler.
+`transformers.Trainer` (5.23) assumes every epoch as long as the first: for its loop, for the resume position
+(`global_step // steps per epoch`, then `skip_first_batches`) and for the number of epochs `max_steps` needs. So the
+trainer hands Trainer a `TrainingStream` (`micro_batches_per_step = gradient_accumulation_steps`;
+`per_device_train_batch_size` is ignored): this sampler's epochs end to end, cut into Trainer epochs of the first
+epoch's count, which makes Trainer's own arithmetic exact, resume included; the stream starts each piece through
+`locate_micro_batch` and `load_state_dict`, the one resume path. A Trainer epoch is then that many micro-batches, not
+one pass over the data: logged `epoch` values and `*_strategy="epoch"` follow the pieces, the noise follows the
+data epoch each key carries.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import logging
 import math
@@ -76,6 +75,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+from .keys import DocumentKey
+from .packing import best_fit, fewest_rows, next_fit
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         self._num_yielded = start
         for micro_batch in plan[start:]:
             self._num_yielded += 1
-            yield list(micro_batch)
+            yield self._keys(micro_batch)
 
     def num_micro_batches(self, epoch: int) -> int:
         """Micro-batches this rank yields in `epoch`: the same on every rank, a multiple of micro_batches_per_step."""
@@ -196,6 +198,15 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
                 f"({expected}); the state was saved by a sampler with other lengths, seed, layout or warmup")
         self._resume = (epoch, done)
         self._num_yielded = done
+
+    def _keys(self, indices: list[int]) -> list[DocumentKey]:
+        """The micro-batch as the collator takes it: keys of this epoch, with their rows when planning rows (listed row
+        by row: in the given order unless best fit needs fewer rows, which the collator then lays out as given)."""
+        if self.row_length is None:
+            return [DocumentKey(index, self.epoch) for index in indices]
+        rows = fewest_rows([self.lengths[index] for index in indices], self.row_length)
+        return [DocumentKey(indices[position], self.epoch, row) for row, positions in enumerate(rows)
+                for position in positions]
 
     # ---- planning ----
     def _num_steps(self, epoch: int) -> int:
@@ -265,62 +276,32 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
 
     def _pack_budget(self, chunk: list[int], num_before: int, first_step: int, per_step: int) -> list[_MicroBatch]:
         """Best fit of documents, longest first, into micro-batches under the budget of their step."""
-        chunk_batches: list[list] = []  # [indices, total, longest, budget]
-        # Open micro-batches as (key, position in chunk_batches), sorted. A sample fits where
-        # key >= need; the least such key leaves the least room (best fit). Samples come longest
-        # first, so a padded micro-batch's cost for one more sample does not depend on it.
-        open_keys: list[tuple[int, int]] = []
-        for index in sorted(chunk, key=self.lengths.__getitem__, reverse=True):
-            length = self.lengths[index]
-            at = bisect.bisect_left(open_keys, (0 if self.padded else length, -1))
-            if at < len(open_keys):
-                position = open_keys.pop(at)[1]
-            else:
-                # Its position fixes its step; splitting (in _plan) only moves micro-batches later, to
-                # steps whose budget is never smaller.
-                position = len(chunk_batches)
-                step = first_step + (num_before + position) // per_step
-                chunk_batches.append([[], 0, 0, self.budget_at_step(step)])
-            batch = chunk_batches[position]
-            batch[0].append(index)
-            batch[1] += length
-            batch[2] = max(batch[2], length)
-            key = batch[3] - (batch[2] * (len(batch[0]) + 1) if self.padded else batch[1])
-            if key >= (0 if self.padded else 1):
-                bisect.insort(open_keys, (key, position))
-        return [(batch[0], batch[1], batch[2]) for batch in chunk_batches]
+        # A micro-batch's position fixes its step; splitting (in _plan) only moves micro-batches later, to steps whose
+        # budget is never smaller.
+        sizes = [self.lengths[index] for index in chunk]
+        packed = best_fit(sizes, lambda position: self.budget_at_step(first_step + (num_before + position) // per_step),
+                          padded=self.padded)
+        return [self._micro_batch([chunk[position] for position in batch]) for batch in packed]
 
     def _pack_rows(self, chunk: list[int], num_before: int, first_step: int, per_step: int) -> list[_MicroBatch]:
         """Best fit of documents, longest first, into rows of `row_length`; then runs of rows, in the order the
-        rows were opened, into micro-batches of `budget // row_length` rows. Indices are listed row by row, so a
-        collator that fills rows in the given order needs at most these rows (it may pull a document forward
-        into an earlier row with room)."""
-        rows: list[list[int]] = []
-        room: list[int] = []
-        open_keys: list[tuple[int, int]] = []  # (room left, row), sorted: the least room that fits is the best fit
-        for index in sorted(chunk, key=self.lengths.__getitem__, reverse=True):
-            length = self.lengths[index]
-            at = bisect.bisect_left(open_keys, (length, -1))
-            if at < len(open_keys):
-                row = open_keys.pop(at)[1]
-            else:
-                row = len(rows)
-                rows.append([])
-                room.append(self.row_length)
-            rows[row].append(index)
-            room[row] -= length
-            if room[row] > 0:
-                bisect.insort(open_keys, (room[row], row))
+        rows were opened, into micro-batches of `budget // row_length` rows. Indices are listed row by row, so
+        filling rows in the given order needs at most these rows (it may pull a document forward into an earlier row
+        with room)."""
+        rows = [[chunk[position] for position in row]
+                for row in best_fit([self.lengths[index] for index in chunk], self.row_length)]
         micro_batches: list[_MicroBatch] = []
         row = 0
         while row < len(rows):
             step = first_step + (num_before + len(micro_batches)) // per_step
             num_rows = max(1, self.budget_at_step(step) // self.row_length)
-            indices = [index for members in rows[row:row + num_rows] for index in members]
-            lengths = [self.lengths[index] for index in indices]
-            micro_batches.append((indices, sum(lengths), max(lengths)))
+            micro_batches.append(self._micro_batch([index for members in rows[row:row + num_rows] for index in members]))
             row += num_rows
         return micro_batches
+
+    def _micro_batch(self, indices: list[int]) -> _MicroBatch:
+        lengths = [self.lengths[index] for index in indices]
+        return indices, sum(lengths), max(lengths)
 
     def _split_costliest(self, micro_batches: list[_MicroBatch], count: int) -> list[_MicroBatch]:
         """Split the costliest multi-document micro-batch in two, `count` times; halves stay in place."""
@@ -343,20 +324,42 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         return [piece for group in pieces for piece in group]
 
 
-def next_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
-    """Rows of positions into `sizes`, filled in the given order: a new row whenever the next item does not fit.
+class TrainingStream(BatchRebalanceSampler):
+    """A token-budget sampler's epochs end to end, in Trainer epochs of one fixed length: its first epoch's count.
 
-    For items the row planner (`row_length`) listed row by row, this needs no more rows than it planned.
+    Token-budget epochs differ in length (each permutation packs into its own count, warmup epochs hold more, smaller
+    micro-batches), while `transformers.Trainer` (5.x) takes the first epoch's length for every epoch: for the loop,
+    for the resume position (`global_step // steps per epoch`) and for the number of epochs `max_steps` needs. Cut
+    into equal pieces, the stream makes all three exact with Trainer's own arithmetic, and its micro-batches are the
+    ones the epochs yield in turn, each key carrying its own epoch (the noise seed): Trainer epoch k is micro-batches
+    [k * len(self), (k + 1) * len(self)) of the stream. `set_epoch(k)` picks the piece; the trainer also sets it at
+    each epoch start (a callback), since Trainer's own call does not reach it behind accelerate's skip wrapper.
     """
-    rows: list[list[int]] = []
-    room = 0
-    for position, size in enumerate(sizes):
-        if not rows or size > room:
-            rows.append([])
-            room = capacity
-        rows[-1].append(position)
-        room -= size
-    return rows
+
+    def __init__(self, sampler: TokenBudgetBatchSampler):
+        # Not named `sampler`: accelerate's set_epoch would reach through that name and set the plans' epoch.
+        self.plans = sampler
+        super().__init__(lengths=sampler.lengths, effective_batch_size=len(sampler.lengths), dp_size=sampler.dp_size,
+                         grad_accum=sampler.grad_accum, shuffle=sampler.shuffle, seed=sampler.seed, rank=sampler.rank,
+                         drop_last=sampler.drop_last)
+        self.num_micro_batches = sampler.num_micro_batches(0)
+        self.steps_per_epoch = self.num_micro_batches // sampler.grad_accum
+
+    def __len__(self) -> int:
+        return self.num_micro_batches
+
+    def __iter__(self) -> Iterator[list[DocumentKey]]:
+        # The plans' own resume path: start `offset` micro-batches into `epoch`, then the next epochs in turn.
+        epoch, offset = self.plans.locate_micro_batch(self.epoch * self.num_micro_batches)
+        remaining = self.num_micro_batches
+        while remaining:
+            self.plans.load_state_dict({"epoch": epoch, "num_micro_batches_yielded": offset})
+            for micro_batch in self.plans:
+                yield micro_batch
+                remaining -= 1
+                if not remaining:
+                    return
+            epoch, offset = epoch + 1, 0
 
 
 def _validate(lengths, max_tokens, rank, size, buffer_size, per_step, warmup_tokens, warmup_steps) -> None:

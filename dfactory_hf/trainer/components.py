@@ -3,9 +3,11 @@ data work: the special token ids, the attention backend, the collator."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from ..data.collators import PackingCollator, PaddingCollator, PositionIdCollator
+from ..data.sampler import TokenBudgetBatchSampler
 from ..diffusion.masks import ATTN_IMPLEMENTATIONS
 from ..parallel.ulysses import base_backend
 from .config import DiffusionTrainingArguments
@@ -101,3 +103,42 @@ def check_generation_eval(args, eval_dataset) -> None:
         raise ValueError(f"{flag} needs an eval dataset with an `answer` column (the reference answer each "
                          f"generated completion is scored against; eval_generation_samples="
                          f"{args.eval_generation_samples}); add the column, or set --eval_generation_samples 0.")
+
+
+def token_budget_sampler(args, dataset, parallel_state) -> TokenBudgetBatchSampler:
+    """The token-budget batch sampler of the training documents (packing / max_tokens_per_micro_batch)."""
+    copies = 2 if args.complementary_masking else 1
+    budget = args.token_budget
+    if copies == 2 and 2 * max(dataset["num_tokens"]) > budget:
+        raise ValueError(
+            f"complementary_masking doubles each document, and the longest ({max(dataset['num_tokens'])} tokens) "
+            f"then exceeds the token budget ({budget}); raise max_tokens_per_micro_batch to at least "
+            f"{copies * max(dataset['num_tokens'])}."
+        )
+    warmup_steps, warmup_tokens = 0, None
+    if args.batch_warmup_ratio > 0:
+        warmup_steps = max(1, round(args.batch_warmup_ratio * planned_optimizer_steps(args, dataset, parallel_state)))
+        warmup_tokens = args.batch_warmup_initial_tokens or args.max_seq_len * copies
+    return TokenBudgetBatchSampler(
+        lengths=[n * copies for n in dataset["num_tokens"]],
+        max_tokens_per_micro_batch=budget,
+        data_parallel_rank=parallel_state.dp_rank,
+        data_parallel_size=parallel_state.dp_size,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        buffer_size=args.dynamic_batching_buffer_size,
+        micro_batches_per_step=args.gradient_accumulation_steps,
+        warmup_initial_tokens=warmup_tokens,
+        num_warmup_steps=warmup_steps,
+        padded=not (args.packing or args.padding_free),
+        # Rows planned by the sampler (the collator refills them in order). Complementary pairs are planned
+        # as one document of twice the length, which may not fit a row; those keep the token-sum plan.
+        row_length=args.max_seq_len if args.packing and copies == 1 else None,
+    )
+
+
+def planned_optimizer_steps(args, dataset, parallel_state) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    tokens = sum(dataset["num_tokens"]) * (2 if args.complementary_masking else 1)
+    per_step = args.token_budget * parallel_state.dp_size * args.gradient_accumulation_steps
+    return max(1, math.ceil(args.num_train_epochs * tokens / per_step))

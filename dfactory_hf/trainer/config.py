@@ -389,11 +389,10 @@ class DiffusionTrainingArguments(TrainingArguments):
                 raise ValueError(f"--stop_at_exact_match ({self.stop_at_exact_match}) is checked at evaluations "
                                  "that answer by generation: set --eval_strategy steps --eval_steps N and "
                                  "--eval_generation_samples > 0.")
-        if self.dataloader_persistent_workers:
-            raise ValueError(
-                "dataloader_persistent_workers=True would freeze the collator's epoch inside the workers, so every "
-                "epoch would reuse the same noise; set it to False."
-            )
+        if self.dataloader_persistent_workers and self.dataloader_num_workers == 0:
+            raise ValueError("--dataloader_persistent_workers keeps DataLoader workers between epochs and needs "
+                             "--dataloader_num_workers > 0 (it is 0); set --dataloader_num_workers, or leave "
+                             "persistent workers off.")
         if not (math.isfinite(self.router_bias_update_rate) and self.router_bias_update_rate >= 0):
             raise ValueError(f"--router_bias_update_rate ({self.router_bias_update_rate}) must be >= 0 (0 = off); "
                              "1e-3 is a common choice.")

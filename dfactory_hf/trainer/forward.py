@@ -98,15 +98,18 @@ def model_inputs(batch: dict[str, torch.Tensor], objective: DiffusionObjective, 
 def diffusion_step(model, batch: dict[str, torch.Tensor], objective: DiffusionObjective, *,
                    attn_implementation: str, mask_dtype: torch.dtype = torch.float32,
                    num_items: torch.Tensor | int | None = None,
-                   sequence_shard: SequenceShard | None = None) -> StepOutput:
+                   sequence_shard: SequenceShard | None = None,
+                   supervised: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
     """Forward and loss of one micro-batch. Under sequence parallel (`sequence_shard`) this rank computes
     logits at its own supervised positions only and its loss is the local cross-entropy sum over the global
-    count `num_items`, so the sp ranks' losses (and gradients) add up to one process's."""
+    count `num_items`, so the sp ranks' losses (and gradients) add up to one process's. `supervised` is
+    `objective.supervised(batch)` where the caller has it already (sequence parallel pads the rows: recomputed)."""
     num_row_tokens = batch["input_ids"].numel()
     replica = replica_counts(batch)
     if sequence_shard is not None:
         batch = pad_rows(batch, multiple=sequence_shard.size * objective.block_size)
-    selector, targets = objective.supervised(batch)
+    selector, targets = (supervised if supervised is not None and sequence_shard is None
+                         else objective.supervised(batch))
     mask_rate = batch["mask_rate"]
     noise_kind = batch.get("noise_kind")
     if noise_kind is None:  # a batch from elsewhere: every supervised token counts as masked

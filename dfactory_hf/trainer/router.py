@@ -23,6 +23,7 @@ import re
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 
 def router_gates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -104,3 +105,13 @@ class RouterLoad:
         logs = {f"router_imbalance_layer{label}": round(value, 4) for label, value in zip(self.labels, imbalance)}
         logs["router_imbalance_max"] = round(max(imbalance), 4)
         return logs
+
+
+class RouterStep(TrainerCallback):
+    """After every optimizer step: the step's router load (all ranks) into the log window, and the bias update."""
+
+    def __init__(self, router_load: RouterLoad):
+        self.router_load = router_load
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.router_load.optimizer_step()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import shutil
 from functools import partial
@@ -21,8 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from ..data.collators import edit_token_ids
+from ..data.keys import EpochKeys, KeyedDataset
 from ..data.preprocessing import DataReport, prepare_dataset, save_report
-from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler
+from ..data.sampler import ReplicaEvalBatchSampler, TokenBudgetBatchSampler, TrainingStream
 from ..logs import apply_log_level, keep_tensorboard_in_output_dir
 from ..models.llada2_moe import LLaDA2MoePreTrainedModel, load_checkpoint_weights
 from ..parallel.expert import apply_expert_parallel, check_expert_parallel
@@ -37,7 +37,8 @@ from ..paths import check_pretrained_source, load_pretrained
 from .checkpoints import (is_disk_full, mark_complete, model_shapes, newest_complete_checkpoint,
                           resolve_resume_checkpoint, rotate, save_failure_message, unmark, write_model_shapes)
 from .components import (build_collator, check_answer_scorer, check_attention_backend, check_generation_eval,
-                         check_special_ids_embed, has_given_noise, masking_only, resolve_mask_token_id)
+                         check_special_ids_embed, has_given_noise, masking_only, resolve_mask_token_id,
+                         token_budget_sampler)
 from .config import DiffusionTrainingArguments
 from .evaluation import AnswerScorer, evaluate_elbo, evaluate_generation
 from .flops import batch_training_flops, peak_bf16_flops
@@ -49,7 +50,7 @@ from .lora import apply_lora, base_model, checkpoint_key, initial_adapter_value
 from .metrics import STREAM_METRICS, MetricWindow
 from .precision import use_autocast_experts
 from .profiling import ProfileSteps, parse_profile_steps
-from .router import RouterLoad
+from .router import RouterLoad, RouterStep
 
 
 class DiffusionTrainer(Trainer):
@@ -138,11 +139,15 @@ class DiffusionTrainer(Trainer):
         self._train_window = MetricWindow(streams=self.objective.edit_streams)
         self._eval_window: MetricWindow | None = None
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
+        self._train_stream: TrainingStream | None = None
+        self._epoch_keys: EpochKeys | None = None
+        self.add_callback(_EpochStart(self))
+        self._step_supervised: dict[int, tuple] = {}  # id(labels) -> (labels, (selector, targets)), this step's
         self._eval_batch_sampler: ReplicaEvalBatchSampler | None = None
         self._eval_batch_index = 0
         self.router_load = RouterLoad(self.accelerator.unwrap_model(self.model),
                                       rate=self.args.router_bias_update_rate, reduce_sum=self._reduce_sum)
-        self.add_callback(_RouterStep(self.router_load))
+        self.add_callback(RouterStep(self.router_load))
         keep_tensorboard_in_output_dir(self)  # --report_to tensorboard under output_dir, evaluate() first or not
         self._step_counter = StepCounter()
         self.add_callback(self._step_counter)
@@ -221,7 +226,21 @@ class DiffusionTrainer(Trainer):
         return dataloader
 
     def get_train_dataloader(self):
-        return self._shard_over_data_replicas(super().get_train_dataloader())
+        # Batch items carry their epoch (data/keys.py): the dataset copies each key's epoch (and planned row) into its
+        # feature, so the collator never changes and persistent workers see every epoch's noise.
+        if self.train_dataset is None:
+            return super().get_train_dataloader()  # Trainer's own error
+        dataloader = self._get_dataloader(dataset=KeyedDataset(self.train_dataset), description="Training",
+                                          batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
+                                          is_training=True)
+        self._epoch_keys = None
+        if self._train_batch_sampler is None:
+            # The padded path: accelerate has replaced Trainer's sampler by its seedable one; key its indices in place.
+            batch_sampler = dataloader.batch_sampler
+            while not hasattr(batch_sampler, "sampler"):  # accelerate's BatchSamplerShard, when sharding
+                batch_sampler = batch_sampler.batch_sampler
+            batch_sampler.sampler = self._epoch_keys = EpochKeys(batch_sampler.sampler)
+        return self._shard_over_data_replicas(dataloader)
 
     # --- data -------------------------------------------------------------------------------------------------
 
@@ -242,43 +261,13 @@ class DiffusionTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         # Packing / token budgets: variable-size micro-batches through Trainer's BatchRebalanceSampler path.
         if not self.args.uses_token_budget:
-            return super()._get_train_sampler(train_dataset)
+            return super()._get_train_sampler(getattr(train_dataset, "dataset", train_dataset))
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        copies = 2 if self.args.complementary_masking else 1
-        budget = self.args.token_budget
-        if copies == 2 and 2 * max(dataset["num_tokens"]) > budget:
-            raise ValueError(
-                f"complementary_masking doubles each document, and the longest ({max(dataset['num_tokens'])} tokens) "
-                f"then exceeds the token budget ({budget}); raise max_tokens_per_micro_batch to at least "
-                f"{copies * max(dataset['num_tokens'])}."
-            )
-        warmup_steps, warmup_tokens = 0, None
-        if self.args.batch_warmup_ratio > 0:
-            warmup_steps = max(1, round(self.args.batch_warmup_ratio * self._planned_optimizer_steps(dataset)))
-            warmup_tokens = self.args.batch_warmup_initial_tokens or self.args.max_seq_len * copies
-        self._train_batch_sampler = TokenBudgetBatchSampler(
-            lengths=[n * copies for n in dataset["num_tokens"]],
-            max_tokens_per_micro_batch=budget,
-            data_parallel_rank=self.parallel_state.dp_rank,
-            data_parallel_size=self.parallel_state.dp_size,
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-            buffer_size=self.args.dynamic_batching_buffer_size,
-            micro_batches_per_step=self.args.gradient_accumulation_steps,
-            warmup_initial_tokens=warmup_tokens,
-            num_warmup_steps=warmup_steps,
-            padded=not (self.args.packing or self.args.padding_free),
-            # Rows planned by the sampler (the collator refills them in order). Complementary pairs are planned
-            # as one document of twice the length, which may not fit a row; those keep the token-sum plan.
-            row_length=self.args.max_seq_len if self.args.packing and copies == 1 else None,
-        )
-        return self._train_batch_sampler
-
-    def _planned_optimizer_steps(self, dataset) -> int:
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        tokens = sum(dataset["num_tokens"]) * (2 if self.args.complementary_masking else 1)
-        per_step = self.args.token_budget * self.parallel_state.dp_size * self.args.gradient_accumulation_steps
-        return max(1, math.ceil(self.args.num_train_epochs * tokens / per_step))
+        dataset = getattr(dataset, "dataset", dataset)  # the documents behind a KeyedDataset
+        self._train_batch_sampler = token_budget_sampler(self.args, dataset, self.parallel_state)
+        # Trainer's arithmetic needs epochs of one length: the sampler's epochs end to end, in equal pieces.
+        self._train_stream = TrainingStream(self._train_batch_sampler)
+        return self._train_stream
 
     def _get_eval_sampler(self, eval_dataset):
         # Several data replicas: each evaluates its own share, no document twice (see ReplicaEvalBatchSampler).
@@ -311,37 +300,6 @@ class DiffusionTrainer(Trainer):
                                         batch_size=self.args.per_device_eval_batch_size, sampler_fn=lambda _: sampler)
         finally:
             self.data_collator = train_collator
-
-    def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs):
-        # Trainer does not reach a custom batch sampler's set_epoch after wrapping it for resume, the collator's
-        # noise depends on the epoch, and token-budget epochs differ in length: set all three here.
-        if hasattr(self.data_collator, "set_epoch"):
-            self.data_collator.set_epoch(epoch)
-        if self._train_batch_sampler is not None:
-            self._train_batch_sampler.set_epoch(epoch)
-            steps_in_epoch = len(self._train_batch_sampler)
-            num_update_steps_per_epoch = max(1, math.ceil(steps_in_epoch / self.args.gradient_accumulation_steps))
-        return super()._run_epoch(model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch,
-                                  *args, **kwargs)
-
-    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
-                             trial):
-        # Token-budget epochs differ in length, so the resumed (epoch, micro-batch) comes from the sampler's plans.
-        epochs_trained, steps_trained = super()._init_training_state(
-            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
-        if self._train_batch_sampler is not None and self.state.global_step > 0:
-            micro_batches = self.state.global_step * self.args.gradient_accumulation_steps
-            epochs_trained, steps_trained = self._train_batch_sampler.locate_micro_batch(micro_batches)
-            if self.args.ignore_data_skip:
-                steps_trained = 0
-        return epochs_trained, steps_trained
-
-    def set_initial_training_values(self, args, dataloader):
-        values = list(super().set_initial_training_values(args, dataloader))
-        if self._train_batch_sampler is not None and args.max_steps > 0:
-            # Later epochs can be shorter than the first; count epochs with the sampler's own plans.
-            values[0] = _epochs_to_cover(self._train_batch_sampler, args.max_steps * args.gradient_accumulation_steps)
-        return tuple(values)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # Trainer resumes with a plain load_state_dict of the saved file; our checkpoints are in the hub's
@@ -429,7 +387,10 @@ class DiffusionTrainer(Trainer):
         # loss is normalised by exactly the positions it supervises, summed over the step and all ranks.
         if not batch_samples:
             return None
-        count = sum(int(self.objective.supervised(batch)[0].sum()) for batch in batch_samples)
+        # Each micro-batch's supervised positions, once: counted here, and taken up by its loss and FLOPs.
+        self._step_supervised = {id(batch["labels"]): (batch["labels"], self.objective.supervised(batch))
+                                 for batch in batch_samples}
+        count = sum(int(selector.sum()) for _, (selector, _) in self._step_supervised.values())
         count = torch.tensor(count, device=device)
         if self.args.average_tokens_across_devices:
             count = self.parallel_state.sum_over_data(count)  # one count per data replica
@@ -442,7 +403,7 @@ class DiffusionTrainer(Trainer):
         config = self.accelerator.unwrap_model(self.model).config
         flops = batch_training_flops(config, inputs, block_size=self.args.block_size,
                                      block_diffusion=self.args.block_diffusion_mode,
-                                     num_logits=int(self.objective.supervised(inputs)[0].sum()))
+                                     num_logits=int(self._supervised(inputs)[0].sum()))
         flops /= self.parallel_state.sp_size
         self._train_window.add_flops(flops)
         return flops
@@ -451,7 +412,8 @@ class DiffusionTrainer(Trainer):
         # The diffusion objective: [x_t ; x_0] through the model with the block-diffusion mask, cross-entropy
         # at the supervised x_t positions only.
         with self.router_load.counting() if model.training else contextlib.nullcontext():
-            step = self.diffusion_step(model, inputs, num_items=num_items_in_batch)
+            step = self.diffusion_step(model, inputs, num_items=num_items_in_batch,
+                                       supervised=self._supervised(inputs))
         loss = step.loss.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP/FSDP average gradients over every rank; the loss is already a global token mean (of this rank's
@@ -462,14 +424,15 @@ class DiffusionTrainer(Trainer):
             window.add(step)
         return (loss, step) if return_outputs else loss
 
-    def diffusion_step(self, model, batch: dict[str, torch.Tensor], *,
-                       num_items: torch.Tensor | int | None = None) -> StepOutput:
+    def diffusion_step(self, model, batch: dict[str, torch.Tensor], *, num_items: torch.Tensor | int | None = None,
+                       supervised: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
         """Forward and loss of one collated batch (on the device) with this run's objective, attention backend,
         mask dtype and sequence-parallel slicing (forward.py): what `compute_loss` and the ELBO grid run.
-        `num_items`: the supervised-token count the loss is divided by (None: this batch's own)."""
+        `num_items`: the supervised-token count the loss is divided by (None: this batch's own); `supervised`:
+        the batch's (selector, targets) when already computed (None: computed here)."""
         return forward_step(model, batch, self.objective, attn_implementation=self._attn_implementation(model),
                             mask_dtype=self._mask_dtype(model), num_items=num_items,
-                            sequence_shard=self.sequence_shard)
+                            sequence_shard=self.sequence_shard, supervised=supervised)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Diffusion batches have no model-side loss or labels to compare; evaluation metrics are accumulated
@@ -572,6 +535,14 @@ class DiffusionTrainer(Trainer):
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
+    def _supervised(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selector, targets) of a micro-batch of this step (computed in _get_num_items_in_batch), else computed."""
+        labels = batch["labels"]
+        known = self._step_supervised.get(id(labels))
+        if known is not None and known[0] is labels:  # the same tensor (the entry holds it, so its id is not reused)
+            return known[1]
+        return self.objective.supervised(batch)
+
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         # Metric sums: per-rank partials (sp ranks split positions); per-replica counts come from sp rank 0 only.
         return self.parallel_state.sum_over_world(tensor.to(self.args.device))
@@ -588,28 +559,16 @@ class DiffusionTrainer(Trainer):
         return self.accelerator.unwrap_model(model).dtype
 
 
-class _RouterStep(TrainerCallback):
-    """After every optimizer step: the step's router load (all ranks) into the log window, and the bias update."""
+class _EpochStart(TrainerCallback):
+    """At every epoch start, a resumed one included (where Trainer's set_epoch does not reach a batch sampler behind
+    accelerate's skip wrapper): the token-budget stream's piece, or the epoch the padded path's keys carry."""
 
-    def __init__(self, router_load: RouterLoad):
-        self.router_load = router_load
+    def __init__(self, trainer: DiffusionTrainer):
+        self.trainer = trainer
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.router_load.optimizer_step()
-
-
-
-
-
-
-
-
-def _epochs_to_cover(sampler: TokenBudgetBatchSampler, num_micro_batches: int) -> int:
-    epochs, covered = 0, 0
-    while covered < num_micro_batches:
-        covered += sampler.num_micro_batches(epochs)
-        epochs += 1
-    return epochs
-
-
-
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._train_stream is not None:
+            stream = self.trainer._train_stream
+            stream.set_epoch(state.global_step // stream.steps_per_epoch)  # every piece is steps_per_epoch steps
+        if self.trainer._epoch_keys is not None:
+            self.trainer._epoch_keys.epoch = int(state.epoch or 0)  # Trainer's epoch: [0, 1) is epoch 0, ...
