@@ -104,6 +104,8 @@ def test_ep_checkpoints_resume_exactly_and_the_final_save_is_the_hub_layout(runs
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    import dfactory_hf  # noqa: F401  (registers llada2_moe with the Auto classes, as a user's script does)
+
     spec = dict(launcher="accelerate", ranks=2, grad_accum=2, layout="packed", ep_size=2, max_steps=4, save_steps=2,
                 router_bias_update_rate=0.01)
     uninterrupted = runs("ep2-saved", save_model=tmp_path / "final", **spec)
