@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.integrations.flex_attention import flex_attention_forward
@@ -40,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..diffusion.masks import ATTN_IMPLEMENTATIONS
+from ..models.llada2_moe.modeling_llada2_moe import eager_attention_forward  # the same plain attention
 from .sequence import SequenceShard
 
 ULYSSES_PREFIX = "ulysses_"
@@ -136,24 +136,6 @@ def _check_full_length_mask(mask, seq_len: int) -> None:
             "the whole row) and pass it as attention_mask.")
 
 
-def eager_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
-    """Plain attention for the eager variant: bool (True = attend) or additive masks, fp32 softmax.
-
-    Our own because transformers has no model-independent eager function to wrap (each model defines one).
-    """
-    groups = module.num_key_value_groups
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
-        else:
-            weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
 def ulysses_attention(backend: Callable) -> Callable:
     """The Ulysses variant of one attention function (`AttentionInterface` signature)."""
 
@@ -187,7 +169,7 @@ def _refuse_2d_mask(*args, attention_mask=None, **kwargs):
         "build_attention_mask), or model.set_attn_implementation('sdpa') to run it unsharded.")
 
 
-for _name, _backend in (("sdpa", sdpa_attention_forward), ("eager", eager_attention),
+for _name, _backend in (("sdpa", sdpa_attention_forward), ("eager", eager_attention_forward),
                         ("flex_attention", flex_attention_forward)):
     AttentionInterface.register(ulysses_name(_name), ulysses_attention(_backend))
     AttentionMaskInterface.register(ulysses_name(_name), _refuse_2d_mask)

@@ -260,9 +260,7 @@ def fused_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         prefix = _EXPERT_KEY.match(next(iter(rests.values())))["prefix"]
         layout = detect_layout(rests)
         if layout == "hub":
-            num_experts = 1 + max(int(_HUB_REST.match(rest)["expert"]) for rest in rests)
-            gate, up, down = (torch.stack([tensors[f"{prefix}{e}.{proj}.weight"] for e in range(num_experts)])
-                              for proj in PROJECTIONS)
+            gate, up, down = _stack_hub_experts(prefix, rests, tensors.__getitem__)
         else:
             gate, up, down = _expert_tensors(layout, prefix, tensors.__getitem__)
         out[prefix + "gate_up_proj"] = torch.cat([gate, up], dim=1)
@@ -299,6 +297,12 @@ def load_checkpoint_weights(model, directory: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Offline conversion between layouts (no model is built)
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _stack_hub_experts(prefix: str, rests, read) -> list[torch.Tensor]:
+    """A hub layer's per-expert keys -> [E, ...] gate, up and down tensors (`read(key)` gives a tensor)."""
+    num_experts = 1 + max(int(_HUB_REST.match(rest)["expert"]) for rest in rests)
+    return [torch.stack([read(f"{prefix}{e}.{proj}.weight") for e in range(num_experts)]) for proj in PROJECTIONS]
 
 
 def _expert_tensors(layout: str, prefix: str, read) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -404,10 +408,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         if layout == to:
             writer.add({full: read(full) for full in rests.values()})
         elif layout == "hub":
-            num_experts = 1 + max(int(_HUB_REST.match(rest)["expert"]) for rest in rests)
-            stacked = [torch.stack([read(f"{prefix}{e}.{proj}.weight") for e in range(num_experts)])
-                       for proj in PROJECTIONS]
-            writer.add(_write_experts(to, prefix, *stacked))
+            writer.add(_write_experts(to, prefix, *_stack_hub_experts(prefix, rests, read)))
         else:
             writer.add(_write_experts(to, prefix, *_expert_tensors(layout, prefix, read)))
         written_layers += 1
