@@ -125,7 +125,8 @@ def test_the_script_trains_on_a_recipe_mixture_and_evaluates_on_the_held_out_row
         **yaml.safe_load((ROOT / "configs" / "sft" / "tiny.yaml").read_text()),
         "datasets": [{"path": str(_source(tmp_path, "a", 90)), "fraction": 3},
                      {"path": str(_source(tmp_path, "b", 90)), "fraction": 1}],
-        "eval_split_size": 0.1, "max_steps": 2, "logging_steps": 1, "final_generation_samples": 0,
+        "eval_split_size": 0.1, "max_steps": 2, "eval_strategy": "no", "eval_generation_samples": 0,
+        "stop_at_exact_match": 0, "logging_steps": 1, "final_generation_samples": 0,
         "output_dir": str(tmp_path / "out"), "disable_tqdm": True, "eval_mask_rates": [0.5],
     }))
     results = _example().main(["--config", str(recipe)])

@@ -39,6 +39,7 @@ def test_stop_at_exact_match_is_refused_where_it_cannot_be_checked(tmp_path, ove
 def test_generation_eval_without_an_answer_column_is_refused_before_training(tmp_path):
     data = demo_data()
     data = DatasetDict({"train": data["train"], "test": data["test"].remove_columns("answer")})
-    with pytest.raises(ValueError, match=r"--stop_at_exact_match needs an eval dataset with an `answer` column"):
+    with pytest.raises(ValueError, match=r"--stop_at_exact_match needs an eval dataset with an `answer` column.*"
+                                         r"pass --stop_at_exact_match 0 --eval_generation_samples 0"):
         demo_trainer(tmp_path, data=data, eval_strategy="steps", eval_steps=2, eval_generation_samples=4,
                      stop_at_exact_match=0.9, answer_scorer=exact_match)

@@ -99,10 +99,12 @@ def check_generation_eval(args, eval_dataset) -> None:
         return
     datasets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
     if any("answer" not in dataset.column_names for dataset in datasets):
-        flag = "--stop_at_exact_match" if args.stop_at_exact_match > 0 else "--eval_generation_samples"
-        raise ValueError(f"{flag} needs an eval dataset with an `answer` column (the reference answer each "
-                         f"generated completion is scored against; eval_generation_samples="
-                         f"{args.eval_generation_samples}); add the column, or set --eval_generation_samples 0.")
+        stop = args.stop_at_exact_match > 0
+        fix = "--stop_at_exact_match 0 --eval_generation_samples 0" if stop else "--eval_generation_samples 0"
+        raise ValueError(f"{'--stop_at_exact_match' if stop else '--eval_generation_samples'} needs an eval dataset "
+                         f"with an `answer` column (the reference answer each generated completion is scored "
+                         f"against; eval_generation_samples={args.eval_generation_samples}); add the column, or "
+                         f"pass {fix}.")
 
 
 def token_budget_sampler(args, dataset, parallel_state) -> TokenBudgetBatchSampler:
