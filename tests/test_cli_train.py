@@ -38,7 +38,7 @@ def test_shipped_demo_recipe_is_configs_sft_tiny():
 
 def test_demo_recipe_applies_to_the_demo_model_only(tmp_path):
     _, demo = parse_arguments(["--output_dir", str(tmp_path / "a")])
-    assert demo.block_size == 4 and demo.learning_rate == 3e-3 and demo.max_steps == 3500  # configs/sft/tiny.yaml
+    assert demo.block_size == 4 and demo.learning_rate == 3e-3 and demo.max_steps == 3000  # configs/sft/tiny.yaml
     checkpoint = tmp_path / "real"
     demo_model().save_pretrained(checkpoint)
     TOKENIZER.save_pretrained(checkpoint)
