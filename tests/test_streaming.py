@@ -170,6 +170,12 @@ def test_a_stream_is_refused_without_max_steps_or_a_token_budget(tmp_path):
         trainer(max_tokens_per_micro_batch=None)
     with pytest.raises(ValueError, match=r"--batch_warmup_ratio \(0.5\)"):
         trainer(batch_warmup_ratio=0.5)
+    one_row = stream_of(write_jsonl(tmp_path / "one.jsonl", list(demo_data(num_train=1, num_test=1)["train"])))
+    short = DiffusionTrainer(model=demo_model(), args=demo_args(tmp_path, max_tokens_per_micro_batch=BUDGET,
+                                                                gradient_accumulation_steps=2),
+                             train_dataset=one_row, processing_class=TOKENIZER)
+    with pytest.raises(ValueError, match="Training ran no optimizer step: streamed training documents"):
+        short.train()  # one document makes no step of 2 micro-batches
     with pytest.raises(ValueError, match="held-out data must be map-style"):
         DiffusionTrainer(model=demo_model(), args=demo_args(tmp_path, max_tokens_per_micro_batch=BUDGET),
                          train_dataset=stream_of(path), eval_dataset=stream_of(path), processing_class=TOKENIZER)

@@ -11,6 +11,7 @@ the stream then starts from its beginning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -99,3 +100,18 @@ def load_stream_state(checkpoint_dir: str, process_index: int) -> dict:
                          "the streaming run, or pass --ignore_data_skip to start the stream from its beginning.")
     with open(path) as handle:
         return json.load(handle)
+
+
+@contextlib.contextmanager
+def resuming_stream(trainer, checkpoint_dir: str | None):
+    """Around Trainer.train: a streaming run resumes from its saved position, and Trainer does not replay it."""
+    if not is_stream(trainer.train_dataset) or trainer.args.ignore_data_skip:
+        yield
+        return
+    trainer._stream_resume = (load_stream_state(checkpoint_dir, trainer.args.process_index)
+                              if checkpoint_dir is not None else None)
+    trainer.args.ignore_data_skip = True
+    try:
+        yield
+    finally:
+        trainer.args.ignore_data_skip = False

@@ -51,7 +51,7 @@ from .metrics import STREAM_METRICS, MetricWindow
 from .precision import use_autocast_experts
 from .profiling import ProfileSteps, parse_profile_steps
 from .router import RouterLoad, RouterStep
-from .streams import (check_stream_args, is_stream, load_stream_state, prepare_train_stream, save_stream_state,
+from .streams import (check_stream_args, is_stream, prepare_train_stream, resuming_stream, save_stream_state,
                       stream_batches, stream_dataloader)
 
 
@@ -528,16 +528,8 @@ class DiffusionTrainer(Trainer):
         resume_from_checkpoint = resolve_resume_checkpoint(
             resume_from_checkpoint, output_dir=self.args.output_dir, layout=self._checkpoint_layout(),
             shapes=self._model_shapes)
-        if not is_stream(self.train_dataset) or self.args.ignore_data_skip:
+        with resuming_stream(self, resume_from_checkpoint):  # a stream restores its own position (streams.py)
             output = super().train(resume_from_checkpoint, *args, **kwargs)
-        else:  # the stream restores its own position (streams.py), Trainer must not replay it
-            self._stream_resume = (load_stream_state(resume_from_checkpoint, self.args.process_index)
-                                   if resume_from_checkpoint is not None else None)
-            self.args.ignore_data_skip = True
-            try:
-                output = super().train(resume_from_checkpoint, *args, **kwargs)
-            finally:
-                self.args.ignore_data_skip = False
         if self.state.global_step == 0:
             # Trainer returns normally from a run that trained nothing; the caller would save an untrained model.
             raise ValueError(no_step_message(self))
