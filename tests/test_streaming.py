@@ -61,27 +61,43 @@ def losses(trainer) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
 
 
-def test_a_stream_trains_in_token_budget_micro_batches_read_lazily(tmp_path):
+LAYOUTS = {
+    "packing": dict(packing=True),
+    "padding_free": dict(packing=False, padding_free=True, block_diffusion_mode=False),
+    "padded": dict(packing=False),
+    "complementary": dict(packing=False, complementary_masking=True),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_stream_trains_in_token_budget_micro_batches_read_lazily(tmp_path, layout):
     path = train_file(tmp_path)
     before = {name: p.detach().clone() for name, p in demo_model().named_parameters()}
-    trainer, seen = streaming_trainer(tmp_path, path, "run")
+    trainer, seen = streaming_trainer(tmp_path, path, "run", **LAYOUTS[layout])
     assert isinstance(trainer.train_dataset, IterableDataset)  # not converted into a map-style Dataset
     trainer.train()
     assert trainer.state.global_step == 8 and len(seen) == 16
     assert isinstance(trainer.train_dataset, IterableDataset)
+    copies = 2 if layout == "complementary" else 1
     for batch in seen:
-        rows = {row for *_, row in batch}
-        assert sum(tokens for _, _, tokens, _ in batch) <= BUDGET and len(rows) * 64 <= BUDGET
-    # 21 rows, the one with no assistant turn skipped: 20 documents a pass; 8 steps run past the first pass.
-    first_pass = sorted(index for batch in seen for epoch, index, *_ in batch if epoch == 0)
+        tokens = [num_tokens * copies for _, _, num_tokens, _ in batch]
+        cost = len(tokens) * max(tokens) if layout == "padded" else sum(tokens)
+        assert cost <= BUDGET
+        if layout == "packing":
+            assert len({row for *_, row in batch}) * 64 <= BUDGET  # rows of max_seq_len
+    # 21 rows, the one with no assistant turn skipped: 20 documents a pass; two a micro-batch (one as a complementary
+    # pair), so 8 steps run past the first pass (all but the complementary run).
+    first_pass = [index for batch in seen for epoch, index, *_ in batch if epoch == 0]
     assert len(set(first_pass)) == len(first_pass) and 5 not in first_pass
     assert set(first_pass) <= set(range(21)) and len(first_pass) >= 16
-    assert any(epoch == 1 for batch in seen for epoch, *_ in batch)
+    assert any(epoch == 1 for batch in seen for epoch, *_ in batch) == (copies == 1)
     report = trainer.data_reports[0]
-    assert report.skipped["conversation has no assistant turn"] >= 1 and report.first_row_of[
-        "conversation has no assistant turn"] == 5
+    # What was read: the whole first pass, or (complementary) the two buffers of 8 documents the 8 steps took.
+    assert (report.num_rows, report.num_documents) == ((21, 20) if copies == 1 else (17, 16))
+    assert report.skipped["conversation has no assistant turn"] == 1
+    assert report.first_row_of["conversation has no assistant turn"] == 5
     changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[name])]
-    assert "model.word_embeddings.weight" in changed or len(changed) > len(before) // 2
+    assert "model.word_embeddings.weight" in changed and len(changed) > len(before) // 2
     assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(trainer).values())
 
 
@@ -176,6 +192,14 @@ def test_a_stream_is_refused_without_max_steps_or_a_token_budget(tmp_path):
                              train_dataset=one_row, processing_class=TOKENIZER)
     with pytest.raises(ValueError, match="Training ran no optimizer step: streamed training documents"):
         short.train()  # one document makes no step of 2 micro-batches
+    with pytest.raises(ValueError, match="a torch IterableDataset .* datasets.IterableDataset.from_generator"):
+        DiffusionTrainer(model=demo_model(), args=demo_args(tmp_path, max_tokens_per_micro_batch=BUDGET),
+                         train_dataset=_TorchStream(), processing_class=TOKENIZER)
     with pytest.raises(ValueError, match="held-out data must be map-style"):
         DiffusionTrainer(model=demo_model(), args=demo_args(tmp_path, max_tokens_per_micro_batch=BUDGET),
                          train_dataset=stream_of(path), eval_dataset=stream_of(path), processing_class=TOKENIZER)
+
+
+class _TorchStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([])

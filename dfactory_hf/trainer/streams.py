@@ -24,6 +24,10 @@ STATE_FOLDER = "stream_state"
 
 
 def is_stream(dataset) -> bool:
+    if isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(dataset, IterableDataset):
+        raise ValueError(f"The dataset is a torch IterableDataset ({type(dataset).__name__}); a stream must be a "
+                         "datasets.IterableDataset (its rows are checked, built and resumed through datasets): wrap "
+                         "it with datasets.IterableDataset.from_generator(...), or pass a map-style dataset.")
     return isinstance(dataset, IterableDataset)
 
 

@@ -120,7 +120,8 @@ class DiffusionTrainer(Trainer):
         else:
             eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
         check_generation_eval(args, eval_dataset)
-        if args.complementary_masking and (self._stream_given_noise or has_given_noise(train_dataset)):
+        if args.complementary_masking and (self._stream_given_noise if is_stream(train_dataset)
+                                          else has_given_noise(train_dataset)):
             raise ValueError("complementary_masking=True cannot apply to a dataset that brings its own "
                              "noisy_input_ids; set complementary_masking=False.")
 
