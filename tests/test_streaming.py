@@ -148,6 +148,13 @@ def test_a_streaming_mixture_interleaves_by_fraction(tmp_path):
     # Each source in its own order, none repeated; seeded: the same interleaving again.
     assert [t for t in rows if t.startswith("a")] == [f"a {i}" for i in range(from_first)]
     assert [row["text"] for row in stream_mixture(mixture, seed=0).take(400)] == rows
+    # Its position resumes exactly (datasets' state_dict holds the interleaving's random state): what the trainer saves.
+    rows_so_far = iter(stream)
+    [next(rows_so_far) for _ in range(37)]
+    again = stream_mixture(mixture, seed=0)
+    again.load_state_dict(stream.state_dict())
+    resumed = iter(again)
+    assert [next(resumed)["text"] for _ in range(30)] == [next(rows_so_far)["text"] for _ in range(30)]
 
 
 def test_a_stream_held_out_split_is_its_first_rows(tmp_path):

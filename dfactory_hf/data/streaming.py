@@ -85,14 +85,13 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     position of the next micro-batch, `load_state_dict` makes the next iteration start there."""
 
     def __init__(self, documents: IterableDataset, report: DataReport, *, max_tokens_per_micro_batch: int,
-                 buffer_size: int, micro_batches_per_step: int, seed: int, copies: int = 1, padded: bool = False,
+                 buffer_size: int, micro_batches_per_step: int, copies: int = 1, padded: bool = False,
                  row_length: int | None = None, all_ready: Callable[[bool], bool] | None = None):
         self.documents = documents
         self.report = report
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.buffer_size = buffer_size
         self.micro_batches_per_step = micro_batches_per_step
-        self.seed = seed
         self.copies = copies  # complementary masking: a document is planned at twice its length
         self.padded = padded
         self.row_length = row_length
@@ -213,7 +212,8 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         planner = TokenBudgetBatchSampler(
             lengths=[feature["num_tokens"] * self.copies for feature in buffer],
             max_tokens_per_micro_batch=self.max_tokens_per_micro_batch, data_parallel_rank=0, data_parallel_size=1,
-            seed=self.seed, buffer_size=len(buffer), shuffle=False, micro_batches_per_step=self.micro_batches_per_step,
+            seed=0, buffer_size=len(buffer), shuffle=False,  # the stream's order
+            micro_batches_per_step=self.micro_batches_per_step,
             padded=self.padded, row_length=self.row_length, drop_last=True)
         batches = []
         for keys in planner:

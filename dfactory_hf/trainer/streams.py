@@ -77,7 +77,7 @@ def stream_batches(trainer) -> StreamingBatches:
     return StreamingBatches(
         trainer.train_dataset, trainer._stream_report, max_tokens_per_micro_batch=args.token_budget,
         buffer_size=args.dynamic_batching_buffer_size, micro_batches_per_step=args.gradient_accumulation_steps,
-        seed=args.data_seed if args.data_seed is not None else args.seed, copies=copies,
+        copies=copies,
         padded=not (args.packing or args.padding_free),
         row_length=args.max_seq_len if args.packing and copies == 1 else None, all_ready=all_ready)
 
