@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from datasets import IterableDataset
 from trl import DatasetMixtureConfig
 
 from dfactory_hf.data.sources import hold_out, load_mixture, load_source
@@ -101,8 +102,9 @@ def test_mixture_errors_name_the_source(tmp_path):
         with pytest.raises(ValueError, match=message):
             load_mixture(DatasetMixtureConfig(datasets=sources), seed=0)
         print("refused:", name)
-    with pytest.raises(ValueError, match=r"--streaming \(true\) is not supported yet"):
-        load_mixture(DatasetMixtureConfig(datasets=[{"path": a}], streaming=True), seed=0)
+    # Streaming mixtures are read lazily (tests/test_streaming.py), no longer refused.
+    streamed = load_mixture(DatasetMixtureConfig(datasets=[{"path": a}], streaming=True), seed=0)["train"]
+    assert isinstance(streamed, IterableDataset) and len(list(streamed)) == 10
 
 
 def test_held_out_split_is_seeded_and_disjoint(tmp_path):

@@ -11,6 +11,12 @@ things are ours, and why:
   give a biased share). The mixture is then one map-style dataset: the train sampler's seeded shuffle interleaves
   the sources, and its resume restores the position.
 The held-out split is seeded too (TRL's `test_split_size` split is not).
+
+With `streaming: true` every source is read as a `datasets.IterableDataset` (`load_stream`) and the mixture
+interleaves them (`datasets.interleave_datasets`, probabilities from `fraction`, seeded; TRL's get_dataset
+concatenates, which would train on one source after the other), stopping at the first source's end so that no
+source repeats; without fractions the sources follow one another. A stream's held-out split is its first
+`eval_split_size` rows (a row count), read once into memory (`hold_out_stream`).
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
+from datasets import (Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets,
+                      interleave_datasets, load_dataset, load_from_disk)
 
 from ..paths import load_pretrained
-from .files import load_data_file
+from .files import KINDS, data_shards, load_data_file
 
 
 def load_source(path: str, *, flag: str, split: str = "train", name: str | None = None,
@@ -36,11 +43,67 @@ def load_source(path: str, *, flag: str, split: str = "train", name: str | None 
     return data if isinstance(data, DatasetDict) else DatasetDict({split: data})
 
 
-def load_mixture(mixture, *, seed: int, split: str = "train") -> DatasetDict:
-    """TRL's `DatasetMixtureConfig` -> DatasetDict({split: the mixture})."""
+def load_stream(path: str, *, flag: str, split: str = "train", name: str | None = None,
+                data_dir: str | None = None, data_files=None) -> IterableDataset:
+    """`load_source`'s data as a stream: a local file / folder of shards read lazily, a save_to_disk folder as an
+    iterable view of it, a hub dataset with `streaming=True`."""
+    local = Path(path).expanduser()
+    if local.exists() and name is None and data_dir is None and data_files is None:
+        files = data_shards(local) if local.is_dir() else [local]
+        if local.is_dir() and not files:  # a save_to_disk folder
+            saved = load_from_disk(str(local))
+            saved = saved[split] if isinstance(saved, DatasetDict) and split in saved else saved
+            if isinstance(saved, DatasetDict):
+                raise ValueError(f"{flag} ({path}) has no split {split} (splits: {', '.join(saved)}).")
+            return saved.to_iterable_dataset()
+        kinds = sorted({KINDS.get(file.suffix, file.suffix) for file in files})
+        if len(kinds) > 1 or kinds[0] not in KINDS.values():
+            raise ValueError(f"{flag} ({path}) must be .json, .jsonl or .parquet files of one kind (found "
+                             f"{', '.join(kinds)}).")
+        return load_dataset(kinds[0], data_files=[str(file) for file in files], split="train", streaming=True)
+    if path.startswith((".", "/", "~")) and not local.exists():
+        raise ValueError(f"{flag} ({path}) does not exist; check the path.")
+    return load_pretrained(flag, path, load_dataset, name=name, data_dir=data_dir, data_files=data_files, split=split,
+                           streaming=True)
+
+
+def stream_mixture(mixture, *, seed: int) -> IterableDataset:
+    """A streaming `DatasetMixtureConfig`: the sources interleaved by `fraction` (module docstring)."""
+    sources = []
+    for index, config in enumerate(mixture.datasets):
+        source = load_stream(config.path, flag=f"datasets[{index}].path", split=config.split, name=config.name,
+                             data_dir=config.data_dir, data_files=config.data_files)
+        if config.columns is not None:
+            source = source.select_columns(config.columns)
+        sources.append(source)
+    if len(sources) == 1:
+        return sources[0]
+    fractions = [config.fraction for config in mixture.datasets]
+    if all(fraction is None for fraction in fractions):
+        return concatenate_datasets(sources)
+    _mixture_sizes(mixture, [1] * len(sources))  # the same checks of `fraction` as map-style
+    probabilities = [fraction / sum(fractions) for fraction in fractions]
+    return interleave_datasets(sources, probabilities=probabilities, seed=seed, stopping_strategy="first_exhausted")
+
+
+def hold_out_stream(stream: IterableDataset, *, size: float, flag: str) -> tuple[IterableDataset, Dataset | None]:
+    """(the training stream, its first `size` rows as the held-out Dataset); size 0: (stream, None)."""
+    if size == 0:
+        return stream, None
+    if size < 1:
+        raise ValueError(f"{flag} ({size:g}) is a share of the training rows, which a stream does not know: give a "
+                         "row count (e.g. 200: the stream's first 200 rows are held out) or 0 (no evaluation).")
+    rows = list(stream.take(int(size)))
+    if len(rows) < size:
+        raise ValueError(f"{flag} ({size:g}) holds out more rows than the stream has ({len(rows)}); pass fewer, or 0.")
+    return stream.skip(int(size)), Dataset.from_list(rows)
+
+
+def load_mixture(mixture, *, seed: int, split: str = "train") -> DatasetDict | IterableDatasetDict:
+    """TRL's `DatasetMixtureConfig` -> DatasetDict({split: the mixture}); with `streaming: true`,
+    IterableDatasetDict({split: `stream_mixture`})."""
     if mixture.streaming:
-        raise ValueError("--streaming (true) is not supported yet: the token-budget sampler plans from the lengths "
-                         "of every row; drop `streaming`, or load the data map-style (datasets caches it on disk).")
+        return IterableDatasetDict({split: stream_mixture(mixture, seed=seed)})
     sources = []
     for index, config in enumerate(mixture.datasets):
         flag = f"datasets[{index}] ({config.path})"

@@ -31,7 +31,8 @@ from trl import DatasetMixtureConfig, TrlParser
 # The demo's data and tokenizer (kept together: the one place that names them).
 from ..demo.arithmetic import TASKS, exact_match, make_arithmetic_dataset
 from ..demo.tokenizer import DEMO_TOKENIZER_PATH
-from ..data.sources import check_eval_split_size, hold_out, load_mixture, load_source
+from ..data.sources import (check_eval_split_size, hold_out, hold_out_stream, load_mixture, load_source, load_stream,
+                            stream_mixture)
 from ..diffusion.masks import ATTN_IMPLEMENTATIONS
 from ..logs import apply_log_level
 from ..models.llada2_moe import SHIPPED_CONFIGS, LLaDA2MoeConfig, LLaDA2MoeForCausalLM, shipped_config
@@ -197,6 +198,8 @@ def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
     if mixed and (script.dataset_path or script.dataset_name):
         raise ValueError(f"a `datasets:` mixture and --{'dataset_path' if script.dataset_path else 'dataset_name'} "
                          "are both set; list every source under `datasets:`, or drop the mixture.")
+    if mixture is not None and mixture.streaming:
+        return load_stream_data(script, seed)
     if mixed:
         data = load_mixture(mixture, seed=seed, split=script.dataset_train_split)
     elif script.dataset_path:
@@ -214,6 +217,26 @@ def load_data(script: ScriptArguments, seed: int) -> DatasetDict:
     size = mixture.test_split_size if mixed and mixture.test_split_size is not None else script.eval_split_size
     return hold_out(data, size=size, train_split=script.dataset_train_split, test_split=script.dataset_test_split,
                     seed=seed)
+
+
+def load_stream_data(script: ScriptArguments, seed: int) -> dict:
+    """`streaming: true`: {train split: an IterableDataset, test split: its first --eval_split_size rows}."""
+    mixture = script.mixture
+    if mixture.datasets:
+        stream = stream_mixture(mixture, seed=seed)
+    elif script.dataset_path or script.dataset_name:
+        flag = "--dataset_path" if script.dataset_path else "--dataset_name"
+        stream = load_stream(script.dataset_path or script.dataset_name, flag=flag, split=script.dataset_train_split,
+                             name=script.dataset_config)
+    else:
+        raise ValueError("--streaming true reads data from --dataset_path, --dataset_name or a `datasets:` list; the "
+                         "generated demo data is map-style: drop --streaming, or name the data.")
+    from_recipe = mixture.datasets and mixture.test_split_size is not None
+    size = mixture.test_split_size if from_recipe else script.eval_split_size
+    flag = "test_split_size" if from_recipe else "--eval_split_size"
+    stream, held_out = hold_out_stream(stream, size=size, flag=flag)
+    return {script.dataset_train_split: stream,
+            **({script.dataset_test_split: held_out} if held_out is not None else {})}
 
 
 def load_model_and_tokenizer(script: ScriptArguments, args: DiffusionTrainingArguments):

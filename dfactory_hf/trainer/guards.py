@@ -65,7 +65,8 @@ class StepCounter(TrainerCallback):
 def no_step_message(trainer) -> str:
     """Why a fresh run took no optimizer step, with the numbers that decide it."""
     args = trainer.args
-    documents = len(trainer.train_dataset) if trainer.train_dataset is not None else 0
+    dataset = trainer.train_dataset
+    documents = 0 if dataset is None else len(dataset) if hasattr(dataset, "__len__") else "streamed"
     return (f"Training ran no optimizer step: {documents} training documents, --per_device_train_batch_size "
             f"{args.per_device_train_batch_size} x --gradient_accumulation_steps {args.gradient_accumulation_steps} "
             f"x {trainer.parallel_state.dp_size} data replicas, --max_steps {args.max_steps}, --num_train_epochs "

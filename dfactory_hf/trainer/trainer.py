@@ -51,6 +51,8 @@ from .metrics import STREAM_METRICS, MetricWindow
 from .precision import use_autocast_experts
 from .profiling import ProfileSteps, parse_profile_steps
 from .router import RouterLoad, RouterStep
+from .streams import (check_stream_args, is_stream, prepare_train_stream, resuming_stream, save_stream_state,
+                      stream_batches, stream_dataloader)
 
 
 class DiffusionTrainer(Trainer):
@@ -111,13 +113,15 @@ class DiffusionTrainer(Trainer):
             self.parallel_state, num_segments=2 if args.block_diffusion_mode else 1)
 
         self.data_reports: list[DataReport] = []
+        self._stream_report, self._stream_given_noise, self._stream_resume = None, False, None  # streams.py
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: self._prepare(ds, tokenizer, args, f"eval/{name}") for name, ds in eval_dataset.items()}
         else:
             eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
         check_generation_eval(args, eval_dataset)
-        if args.complementary_masking and has_given_noise(train_dataset):
+        if args.complementary_masking and (self._stream_given_noise if is_stream(train_dataset)
+                                          else has_given_noise(train_dataset)):
             raise ValueError("complementary_masking=True cannot apply to a dataset that brings its own "
                              "noisy_input_ids; set complementary_masking=False.")
 
@@ -140,6 +144,7 @@ class DiffusionTrainer(Trainer):
         self._eval_window: MetricWindow | None = None
         self._train_batch_sampler: TokenBudgetBatchSampler | None = None
         self._train_stream: TrainingStream | None = None
+        self._stream_batches = None  # a streaming train dataset's micro-batches (data/streaming.py)
         self._epoch_keys: EpochKeys | None = None
         self.add_callback(_EpochStart(self))
         self._step_supervised: dict[int, tuple] = {}  # id(labels) -> (labels, (selector, targets)), this step's
@@ -230,6 +235,11 @@ class DiffusionTrainer(Trainer):
         # feature, so the collator never changes and persistent workers see every epoch's noise.
         if self.train_dataset is None:
             return super().get_train_dataloader()  # Trainer's own error
+        if is_stream(self.train_dataset):  # micro-batched from a look-ahead buffer, its position resumable
+            self._stream_batches = stream_batches(self)
+            if self._stream_resume is not None:
+                self._stream_batches.load_state_dict(self._stream_resume)
+            return stream_dataloader(self._stream_batches, self.data_collator)
         dataloader = self._get_dataloader(dataset=KeyedDataset(self.train_dataset), description="Training",
                                           batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
                                           is_training=True)
@@ -247,6 +257,12 @@ class DiffusionTrainer(Trainer):
     def _prepare(self, dataset, tokenizer, args, split: str):
         if dataset is None:
             return None
+        if is_stream(dataset):
+            check_stream_args(args, split)
+            dataset, self._stream_report, self._stream_given_noise = prepare_train_stream(self, dataset, tokenizer,
+                                                                                          args)
+            self.data_reports.append(self._stream_report)  # filled as training reads the stream
+            return dataset
         dataset, report = prepare_dataset(
             dataset, tokenizer, block_size=args.block_size, max_seq_len=args.max_seq_len,
             mask_token_id=self.mask_token_id, overlong_policy=args.overlong_document_policy,
@@ -328,6 +344,8 @@ class DiffusionTrainer(Trainer):
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+            if self._stream_batches is not None:  # every process: its replica's position in the stream
+                save_stream_state(checkpoint_dir, self._stream_batches, self.args.process_index)
             if self.args.should_save:
                 write_model_shapes(checkpoint_dir, self._model_shapes)
         except Exception as error:
@@ -511,7 +529,8 @@ class DiffusionTrainer(Trainer):
         resume_from_checkpoint = resolve_resume_checkpoint(
             resume_from_checkpoint, output_dir=self.args.output_dir, layout=self._checkpoint_layout(),
             shapes=self._model_shapes)
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        with resuming_stream(self, resume_from_checkpoint):  # a stream restores its own position (streams.py)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.state.global_step == 0:
             # Trainer returns normally from a run that trained nothing; the caller would save an untrained model.
             raise ValueError(no_step_message(self))
