@@ -51,7 +51,7 @@ def train(output_dir: Path, *, steps: int | None, extra: list[str], reuse: bool)
 def held_out(tokenizer, num_problems: int):
     script = argparse.Namespace(dataset_path=None, dataset_name=None, num_train_samples=0, num_test_samples=200,
                                 arithmetic_task="add", mixture=None)
-    test = load_data(script, seed=42)["test"]  # the demo recipe's seed: the held-out split it trained beside
+    test = load_data(script, seed=1)["test"]  # the demo recipe's seed: the held-out split it trained beside
     documents, _ = prepare_dataset(test, tokenizer, block_size=4, max_seq_len=64, mask_token_id=tokenizer.mask_token_id,
                                    split="test")
     # The last rows: the demo recipe's evaluations during training (its stop rule) answer the first 50.
