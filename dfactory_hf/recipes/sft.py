@@ -307,8 +307,8 @@ def report(trainer: DiffusionTrainer, script: ScriptArguments, train_output, sta
         )
         accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
         results["final_exact_match"] = accuracy
-        seen = "" if first >= args.eval_generation_samples else "; some also scored during training"
-        rows.append((f"held-out exact match ({len(records)} problems, generated{seen})", f"{accuracy:.1%}"))
+        seen = "" if first >= args.eval_generation_samples else ", some also scored during training"
+        rows.append((f"held-out exact match ({len(records)} problems, generated){seen}", f"{accuracy:.1%}"))
         if trainer.is_world_process_zero():
             print("\nSamples (prompt -> generated answer):")
             for record in records[:5]:
