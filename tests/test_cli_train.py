@@ -188,6 +188,50 @@ def test_push_to_hub_folder_is_complete(tmp_path):
     assert (folder / "checkpoint-2" / "generation_config.json").exists()  # checkpoints carry it too
 
 
+class _FolderHub:
+    """The two hub calls Trainer.push_to_hub makes (create_repo, upload_folder), answered by a local folder: the
+    network is the only part replaced, the trainer's own push path (save, card, ignore patterns) runs as is."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def create_repo(self, repo_id, **kwargs):
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        import fnmatch
+        import shutil
+
+        for path in Path(folder_path).rglob("*"):
+            relative = path.relative_to(folder_path)
+            if path.is_file() and not any(fnmatch.fnmatch(part, pattern) for part in relative.parts
+                                          for pattern in ignore_patterns):
+                (self.root / repo_id / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, self.root / repo_id / relative)
+        return f"file://{self.root / repo_id}"
+
+
+def test_push_to_hub_from_the_trainer_to_a_local_folder(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    hub = _FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    trainer = demo_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, hub_model_id="me/tiny-bd")
+    trainer.train()
+    trainer.push_to_hub()
+    pushed = tmp_path / "hub" / "me" / "tiny-bd"
+    names = {p.name for p in pushed.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.json"} <= names
+    assert not any(name.startswith("checkpoint-") for name in names)
+    assert "## Block-diffusion recipe (dfactory_hf)" in (pushed / "README.md").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(pushed)
+    trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    assert reloaded.generation_config.block_length == 4
+
+
 def test_profile_steps_writes_a_trace_of_those_steps(tmp_path):
     trainer = demo_trainer(tmp_path, max_steps=3, profile_steps="1-2")
     trainer.train()
