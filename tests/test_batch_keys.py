@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from trainer_helpers import demo_data, demo_trainer
+from trainer_helpers import demo_data, demo_trainer, record_collated
 
 from dfactory_hf.data.keys import DocumentKey, KeyedDataset
 
@@ -38,16 +38,9 @@ def test_every_epoch_draws_the_noise_of_the_seeding_formula(tmp_path, mode):
     # collators.py: seed, epoch, sample_index) draws the same noise for them, and the epochs draw different noise.
     trainer = demo_trainer(tmp_path, data=demo_data(num_train=24, task="add2"), max_steps=-1, num_train_epochs=2,
                            **MODES[mode])
-    seen = []
-    original = trainer.data_collator.__call__
-
-    class Recording(type(trainer.data_collator)):
-        def __call__(self, features):
-            seen.extend(features)
-            return original(features)
-
-    trainer.data_collator.__class__ = Recording
+    batches = record_collated(trainer)
     trainer.train()
+    seen = [feature for batch in batches for feature in batch]
     assert [feature["epoch"] for feature in seen] == sorted(feature["epoch"] for feature in seen)
     assert {feature["epoch"] for feature in seen} == {0, 1}
     assert all(("row" in feature) == (mode == "packing") for feature in seen)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from trainer_helpers import demo_args, demo_data, demo_model, demo_trainer
+from trainer_helpers import demo_args, demo_data, demo_model, demo_trainer, record_collated
 
 from dfactory_hf.data.collators import PackingCollator, PaddingCollator
 from dfactory_hf.data.sampler import TokenBudgetBatchSampler
@@ -96,15 +96,7 @@ def test_packed_training_through_trainer_uses_the_token_budget(tmp_path):
 def _trained_parameters(tmp_path, name, **overrides):
     trainer = demo_trainer(tmp_path / name, data=demo_data(num_train=64, task="add2"), packing=True,
                            max_seq_len=64, max_tokens_per_micro_batch=256, learning_rate=1e-2, **overrides)
-    seen = []
-    original = trainer.data_collator.__call__
-
-    class Recording(type(trainer.data_collator)):
-        def __call__(self, features):
-            seen.append([f["sample_index"] for f in features])
-            return original(features)
-
-    trainer.data_collator.__class__ = Recording
+    seen = record_collated(trainer, lambda features: [f["sample_index"] for f in features])
     return trainer, seen
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from datasets import IterableDataset, load_dataset
-from trainer_helpers import TOKENIZER, demo_args, demo_data, demo_model
+from trainer_helpers import TOKENIZER, demo_args, demo_data, demo_model, record_collated
 from trl import DatasetMixtureConfig
 from trl.scripts.utils import DatasetConfig
 
@@ -44,16 +44,8 @@ def streaming_trainer(tmp_path, path, name, **overrides):
     values.update(overrides)
     trainer = DiffusionTrainer(model=demo_model(), args=demo_args(tmp_path / name, **values),
                                train_dataset=stream_of(path), processing_class=TOKENIZER)
-    seen = []
-    original = trainer.data_collator.__call__
-
-    class Recording(type(trainer.data_collator)):
-        def __call__(self, features):
-            seen.append([(feature["epoch"], feature["sample_index"], feature["num_tokens"], feature.get("row"))
-                         for feature in features])
-            return original(features)
-
-    trainer.data_collator.__class__ = Recording
+    seen = record_collated(trainer, lambda features: [(f["epoch"], f["sample_index"], f["num_tokens"], f.get("row"))
+                                                      for f in features])
     return trainer, seen
 
 

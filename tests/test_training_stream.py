@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import torch
-from trainer_helpers import demo_data, demo_trainer
+from trainer_helpers import demo_data, demo_trainer, record_collated
 
 from dfactory_hf.data.sampler import TokenBudgetBatchSampler, TrainingStream
 
@@ -48,15 +48,7 @@ def _recording_trainer(tmp_path, name, **overrides):
                            max_tokens_per_micro_batch=256, batch_warmup_ratio=0.5, batch_warmup_initial_tokens=64,
                            max_steps=12, gradient_accumulation_steps=2, save_strategy="steps", save_steps=3,
                            learning_rate=1e-2, **overrides)
-    seen = []
-    original = trainer.data_collator.__call__
-
-    class Recording(type(trainer.data_collator)):
-        def __call__(self, features):
-            seen.append([(feature["epoch"], feature["sample_index"]) for feature in features])
-            return original(features)
-
-    trainer.data_collator.__class__ = Recording
+    seen = record_collated(trainer, lambda features: [(f["epoch"], f["sample_index"]) for f in features])
     return trainer, seen
 
 

@@ -58,3 +58,17 @@ def demo_trainer(tmp_path, model=None, data=None, answer_scorer=None, **override
         processing_class=TOKENIZER,
         answer_scorer=answer_scorer,
     )
+
+
+def record_collated(trainer, keep=lambda features: features) -> list:
+    """What the trainer's collator receives, one entry per micro-batch (`keep(features)`), in order."""
+    seen = []
+    original = trainer.data_collator.__call__
+
+    class Recording(type(trainer.data_collator)):
+        def __call__(self, features):
+            seen.append(keep(features))
+            return original(features)
+
+    trainer.data_collator.__class__ = Recording
+    return seen

@@ -16,7 +16,7 @@ from datasets import load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer_helpers import TOKENIZER, demo_args, demo_model  # noqa: E402
+from trainer_helpers import TOKENIZER, demo_args, demo_model, record_collated  # noqa: E402
 
 from dfactory_hf import DiffusionTrainer  # noqa: E402
 
@@ -32,15 +32,7 @@ def main() -> None:
                      dynamic_batching_buffer_size=4, gradient_accumulation_steps=1, max_steps=options.max_steps,
                      logging_steps=1, optim="sgd", learning_rate=1e-2)
     trainer = DiffusionTrainer(model=demo_model(), args=args, train_dataset=stream, processing_class=TOKENIZER)
-    seen = []
-    original = trainer.data_collator.__call__
-
-    class Recording(type(trainer.data_collator)):
-        def __call__(self, features):
-            seen.append([(feature["epoch"], feature["sample_index"]) for feature in features])
-            return original(features)
-
-    trainer.data_collator.__class__ = Recording
+    seen = record_collated(trainer, lambda features: [(f["epoch"], f["sample_index"]) for f in features])
     trainer.train()
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save({"seen": seen, "global_step": trainer.state.global_step, "dp_size": trainer.parallel_state.dp_size,
