@@ -14,7 +14,10 @@ GPU), bf16 autocast with fp32 master weights and the routed experts in bf16 (tra
 Rows (one process, the same batches):
 - `sdpa + dense mask`: the dense 2L x 2L mask, the baseline;
 - `flex + BlockMask`: flex attention skipping masked tiles (GPU only: no flex backward on CPU);
-- `flex + BlockMask + compile`: the same with each decoder layer `torch.compile`d.
+- `flex + BlockMask + compile`: the same with each decoder layer `torch.compile`d;
+- `... + fused head loss`: the same with `--fused_head_loss` (the loss applies the LM head chunk by chunk and
+  recomputes it in backward: no [N, V] logits; plain torch), its peak memory and speed against the row above.
+  On CPU (`--tiny`) the fused row follows the sdpa one.
 
 Columns: real tokens/s (document tokens, each once), achieved TFLOPS = the exact useful FLOPs of the step
 (trainer/flops.py: 2L positions, active experts only, allowed attention pairs, supervised logits; the same count
@@ -81,11 +84,12 @@ def batches(seq_len: int, rows: int, count: int, vocab: int, *, min_doc: int, ma
     return out
 
 
-def time_training(model, data: list[dict], *, attn: str, device: torch.device, warmup: int, compiled: bool):
+def time_training(model, data: list[dict], *, attn: str, device: torch.device, warmup: int, compiled: bool,
+                  fused: bool):
     if compiled:
         for layer in model.model.layers:
             layer.compile()
-    objective = DiffusionObjective(block_size=BLOCK)
+    objective = DiffusionObjective(block_size=BLOCK, fused_head_loss=fused)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     data = [{k: v.to(device) for k, v in batch.items()} for batch in data]
@@ -150,14 +154,18 @@ def main() -> None:
     data = batches(args.seq_len, args.rows, args.warmup + args.steps, shape["vocab_size"], min_doc=min_doc,
                    max_doc=max_doc)
     peak = peak_bf16_flops(device)
-    variants = [("sdpa + dense mask", "sdpa", False)]
+    variants = [("sdpa + dense mask", "sdpa", False, False)]
     if device.type == "cuda":
-        variants += [("flex + BlockMask", "flex_attention", False), ("flex + BlockMask + compile", "flex_attention", True)]
+        variants += [("flex + BlockMask", "flex_attention", False, False),
+                     ("flex + BlockMask + compile", "flex_attention", True, False),
+                     ("flex + BlockMask + compile + fused head loss", "flex_attention", True, True)]
+    else:
+        variants += [("sdpa + dense mask + fused head loss", "sdpa", False, True)]
     results = []
-    for name, attn, compiled in variants:
+    for name, attn, compiled, fused in variants:
         model = build_model(shape, args.layers, attn, device)
         results.append((name, time_training(model, data, attn=attn, device=device, warmup=args.warmup,
-                                            compiled=compiled)))
+                                            compiled=compiled, fused=fused)))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -14,12 +14,15 @@ head, and the logits of one 8k-position row in fp32 are 5 GiB). One row of L tok
 - `recipe`: the public recipe's step: logits for all 2L positions of [x_t ; x_0] in fp32, cross-entropy on the
   x_t half, the dense additive float mask over 2L x 2L;
 - `ours`: `diffusion_step` as the trainer runs it: logits only at the supervised x_t positions, fp32
-  cross-entropy in chunks of `loss_chunk_size` rows recomputed in backward, the same dense float mask (sdpa).
+  cross-entropy in chunks of `loss_chunk_size` rows recomputed in backward, the same dense float mask (sdpa);
+- `fused`: `ours` with `--fused_head_loss`: the loss applies the LM head itself chunk by chunk, so the [N, V]
+  logits and their gradient are never made (plain torch; Liger's and cut-cross-entropy's kernels are Triton,
+  GPU only, and cannot run here).
 
 Peak = the RSS high-water mark during forward + backward minus the RSS before it (the model, its gradients from
 a warm-up step and the batch are already resident), so it is what the step itself allocates: activations,
 logits, the mask. Each configuration runs in its own process (`--_worker`). Targets (issue: ours <= 0.4x the
-recipe's at L = 4096).
+recipe's at L = 4096). The fused/ours column is the head's own saving.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dfactory_hf.models.llada2_moe import LLaDA2MoeForCausalLM, shipped_config  
 from dfactory_hf.trainer.forward import DiffusionObjective, diffusion_step, model_inputs  # noqa: E402
 
 VOCAB, BLOCK, MASK = 157_184, 32, 156_895
+MODES = ("recipe", "ours", "fused")
 
 
 def build_model(layers: int) -> LLaDA2MoeForCausalLM:
@@ -79,7 +83,8 @@ def reset_peak() -> None:
 def worker(args) -> None:
     model = build_model(args.layers)
     batch = packed_row(args.seq_len)
-    objective = DiffusionObjective(block_size=BLOCK, loss_chunk_size=args.loss_chunk_size)
+    objective = DiffusionObjective(block_size=BLOCK, loss_chunk_size=args.loss_chunk_size,
+                                   fused_head_loss=args.mode == "fused")
 
     def step() -> None:
         if args.mode == "recipe":
@@ -112,7 +117,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one layer: a smoke run")
     parser.add_argument("--out_dir", default="outputs/bench-memory-vocab")
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["ours", "recipe"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--seq_len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,7 +131,7 @@ def main() -> None:
     rows = []
     for seq_len in args.lengths:
         result = {}
-        for mode in ("recipe", "ours"):
+        for mode in MODES:
             path = out / f"{mode}-{seq_len}.json"
             result[mode] = run_for_json([sys.executable, __file__, "--_worker", "--mode", mode, "--seq_len",
                                          str(seq_len), "--layers", str(args.layers), "--loss_chunk_size",
@@ -139,13 +144,16 @@ def main() -> None:
           f"{' --quick' if args.quick else ''}`: torch {torch.__version__}, CPU, 1 thread, fp32, vocab {VOCAB:,}, "
           f"{args.layers} layers of hidden 512 ({params / 1e6:.0f}M parameters), block {BLOCK}, "
           f"loss_chunk_size {args.loss_chunk_size}\n")
-    print("| L | model positions 2L | supervised | recipe peak MiB | ours peak MiB | ours / recipe | recipe s | ours s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| L | model positions 2L | supervised | recipe peak MiB | ours peak MiB | fused peak MiB | ours / recipe "
+          "| fused / recipe | fused / ours | recipe s | ours s | fused s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for seq_len, result in rows:
-        recipe, ours = result["recipe"], result["ours"]
+        recipe, ours, fused = (result[mode] for mode in MODES)
         print(f"| {seq_len} | {2 * seq_len} | {ours['supervised']} | {recipe['peak_bytes'] / mib:.0f} | "
-              f"{ours['peak_bytes'] / mib:.0f} | {ours['peak_bytes'] / recipe['peak_bytes']:.2f} | "
-              f"{recipe['seconds']:.1f} | {ours['seconds']:.1f} |")
+              f"{ours['peak_bytes'] / mib:.0f} | {fused['peak_bytes'] / mib:.0f} | "
+              f"{ours['peak_bytes'] / recipe['peak_bytes']:.2f} | {fused['peak_bytes'] / recipe['peak_bytes']:.2f} | "
+              f"{fused['peak_bytes'] / ours['peak_bytes']:.2f} | {recipe['seconds']:.1f} | {ours['seconds']:.1f} | "
+              f"{fused['seconds']:.1f} |")
 
 
 if __name__ == "__main__":

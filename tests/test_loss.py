@@ -222,3 +222,53 @@ def test_validation_messages():
         diffusion_loss(logits.view(2, 2, VOCAB), labels)
     with pytest.raises(ValueError, match=re.escape("labels ((4,)) must be [batch, seq_len]")):
         gather_supervised(labels, shift=False)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4, 100])
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_fused_head_loss_equals_the_loss_of_the_heads_logits(chunk_size, beta):
+    # head_weight: the loss applies the LM head itself; values, metrics and gradients (hidden and weight) are
+    # those of passing the head's logits, in float64 to the last bits.
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(13, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(40, 8, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 40, (13,), generator=generator)
+    labels[::2] = (hidden @ weight.T)[::2].argmax(-1)
+    weights, groups = 1.0 / (0.2 + torch.rand(13, generator=generator)), torch.randint(0, 3, (13,), generator=generator)
+
+    def run(fused):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = diffusion_loss(h if fused else torch.nn.functional.linear(h, w), labels, weights=weights, num_items=20,
+                             confidence_beta=beta, chunk_size=chunk_size, groups=groups, num_groups=3,
+                             head_weight=w if fused else None)
+        out.loss.backward()
+        return out, h.grad, w.grad
+
+    (reference, *reference_grads), (fused, *fused_grads) = run(False), run(True)
+    for name in ("loss", "ce_sum", "cap_sum", "group_ce_sum"):
+        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), rtol=0, atol=1e-12)
+    assert int(fused.num_correct) == int(reference.num_correct) >= 6
+    assert fused.group_correct.tolist() == reference.group_correct.tolist()
+    for got, want in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_fused_head_loss_keeps_no_vocab_wide_tensor_for_backward():
+    hidden, weight = torch.randn(64, 8, requires_grad=True), torch.randn(1000, 8, requires_grad=True)
+    labels = torch.randint(0, 1000, (64,))
+    for head_weight, expect_logits_kept in [(None, True), (weight, False)]:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            inputs = hidden if head_weight is not None else torch.nn.functional.linear(hidden, weight)
+            diffusion_loss(inputs, labels, confidence_beta=2.0, chunk_size=16, head_weight=head_weight)
+        # Saved: the weight itself [1000, 8] and hidden chunks; never a [rows, 1000] logits tensor.
+        assert any(t.dim() == 2 and t.shape[1] == 1000 for t in saved) == expect_logits_kept
+
+
+def test_fused_head_loss_of_an_empty_micro_batch_reaches_the_head_weight():
+    weight, hidden = torch.randn(VOCAB, 8, requires_grad=True), torch.randn(0, 8, requires_grad=True)
+    out = diffusion_loss(hidden, torch.zeros(0, dtype=torch.long), confidence_beta=2.0, head_weight=weight)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and weight.grad is not None and not weight.grad.any()
+    with pytest.raises(ValueError, match=r"head_weight \(\(40, 7\)\) must be \[vocab, hidden\] with hidden = 8"):
+        diffusion_loss(torch.randn(3, 8), torch.zeros(3, dtype=torch.long), head_weight=torch.randn(40, 7))

@@ -220,3 +220,30 @@ def test_data_problems_are_skipped_counted_and_reported(tmp_path, capsys):
     assert "skipped 1: empty assistant content (first at row 9)" in out
     assert "the mask token (id 2) appears inside the data (first at row 10)" in out
     assert (tmp_path / "out" / "data_report.json").exists()
+
+
+def test_fused_head_loss_trains_like_the_logits_path_and_never_makes_logits(tmp_path):
+    # --fused_head_loss: the loss applies the LM head inside the head's call; the training run matches the
+    # logits path (SGD: Adam would magnify rounding in near-zero gradients), and the head returns no vocab-wide
+    # logits (a silent fallback to the logits path fails here).
+    runs = {}
+    for fused in (False, True):
+        trainer = demo_trainer(tmp_path / str(fused), fused_head_loss=fused, loss_chunk_size=16, confidence_beta=2.0,
+                               optim="sgd", learning_rate=0.1, max_steps=3, logging_steps=1)
+        widths = []
+        trainer.model.lm_head.register_forward_hook(lambda module, inputs, out: widths.append(out.shape[-1]))
+        trainer.train()
+        assert set(widths) == ({0} if fused else {trainer.model.config.vocab_size})
+        assert "forward" not in vars(trainer.model.lm_head)  # the head is itself again after each step
+        runs[fused] = ([entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+                       {name: p.detach() for name, p in trainer.model.named_parameters()})
+    assert len(runs[True][0]) == 3
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_head_loss_refuses_a_lora_wrapped_head(tmp_path):
+    with pytest.raises(ValueError, match="--fused_head_loss needs the model's output head to be a bias-free "
+                                         "nn.Linear; it is Linear"):
+        demo_trainer(tmp_path, fused_head_loss=True, use_peft=True, lora_target_modules=["lm_head"])

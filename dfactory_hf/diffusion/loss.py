@@ -17,7 +17,10 @@ gradients) gives the token-weighted mean of the whole step however tokens are sp
 Memory: the fp32 log-probabilities of [N, V] logits are the big tensor (N = 16k supervised tokens
 at V = 157k is 10 GB in fp32). `chunk_size=c` computes them c rows at a time and recomputes each
 chunk in backward (activation checkpointing), so peak extra memory is ~3 fp32 [c, V] buffers
-(c = 4096: ~7.7 GB -> use 1024 for ~1.9 GB) at the cost of a second softmax pass in backward.
+(c = 4096: ~7.7 GB -> use 1024 for ~1.9 GB) at the cost of a second softmax pass in backward. The [N, V]
+logits themselves and their gradient remain; with `head_weight=lm_head.weight` and the hidden states [N, H] in
+place of the logits, each chunk's logits are made from the hidden states and recomputed in backward too, so no
+[N, V] tensor exists at all (the trainer's `--fused_head_loss`, `trainer/forward.py` `loss_at_head`).
 """
 
 from __future__ import annotations
@@ -123,13 +126,22 @@ def gather_supervised(
 
 def _token_terms(
     logits: torch.Tensor, labels: torch.Tensor, entropy_requires_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row CE and entropy in fp32 for logits [n, V]: (-log softmax[label], -(p * log p).sum())."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row CE and entropy in fp32 for logits [n, V]: (-log softmax[label], -(p * log p).sum()), and whether
+    the argmax is the label (argmax of the raw logits equals that of their fp32 upcast: the cast is monotone)."""
     log_probs = logits.float().log_softmax(dim=-1)  # [n, V] fp32
     ce = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
     with torch.set_grad_enabled(entropy_requires_grad and torch.is_grad_enabled()):
         entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return ce, entropy
+    return ce, entropy, logits.detach().argmax(dim=-1) == labels
+
+
+def _head_terms(
+    hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor, entropy_requires_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_token_terms` of the logits `hidden @ head_weight.T` of n rows, computed here (under autocast in its
+    dtype, as the LM head would)."""
+    return _token_terms(torch.nn.functional.linear(hidden, head_weight), labels, entropy_requires_grad)
 
 
 def diffusion_loss(
@@ -142,10 +154,12 @@ def diffusion_loss(
     chunk_size: int | None = None,
     groups: torch.Tensor | None = None,
     num_groups: int = 0,
+    head_weight: torch.Tensor | None = None,
 ) -> DiffusionLossOutput:
     """Weighted masked-token CE plus the CAP entropy term, normalised by the global token count.
 
-    logits: [N, V] (any float dtype; computed in fp32) at the supervised positions only, finite.
+    logits: [N, V] (any float dtype; computed in fp32) at the supervised positions only, finite. With
+        `head_weight`, the hidden states [N, H] that enter the LM head instead (see below).
     labels: [N] target ids in [0, V) in the same order (no -100: `gather_supervised` removed them).
     weights: [N] per-token weights (`loss_weights`), None for all ones. They scale the CE only.
     num_items: supervised tokens across all micro-batches and ranks of the optimiser step (a
@@ -158,15 +172,22 @@ def diffusion_loss(
     chunk_size: rows per chunk for the fp32 softmax, recomputed in backward; None = all at once.
         Chunked and unchunked results are equal.
     groups: [N] ids in [0, num_groups): also report CE sums, correct and token counts per group (metrics only).
+    head_weight: [V, H], the LM head's weight (no bias): the loss applies the head itself, `chunk_size` rows at a
+        time, and recomputes each chunk's logits in backward, so the [N, V] logits and their gradient never
+        exist (a fused linear-cross-entropy in plain torch). Equal to passing the head's logits, within matmul
+        rounding; costs one more head matmul in backward.
 
     N == 0 gives a loss of exactly 0 that is still attached to `logits`, so backward runs and
     produces zero (finite) gradients on every parameter that produced the logits.
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
-            f"logits ({tuple(logits.shape)}) must be [N, vocab] and labels ({tuple(labels.shape)}) [N]; "
-            "gather the supervised positions first (gather_supervised)"
+            f"logits ({tuple(logits.shape)}) must be [N, {'hidden' if head_weight is not None else 'vocab'}] and "
+            f"labels ({tuple(labels.shape)}) [N]; gather the supervised positions first (gather_supervised)"
         )
+    if head_weight is not None and (head_weight.dim() != 2 or head_weight.shape[1] != logits.shape[1]):
+        raise ValueError(f"head_weight ({tuple(head_weight.shape)}) must be [vocab, hidden] with hidden = "
+                         f"{logits.shape[1]}, the width of the hidden states")
     num_tokens = logits.shape[0]
     if weights is not None and weights.shape != labels.shape:
         raise ValueError(f"weights ({tuple(weights.shape)}) must be [N] like labels ({tuple(labels.shape)})")
@@ -204,8 +225,12 @@ def diffusion_loss(
 
     zero = logits.new_zeros((), dtype=torch.float32)
     if num_tokens == 0:
+        # Keeps the graph so backward still reaches every parameter that produced the logits (finite zeros).
+        attached = logits.float().sum() * 0.0
+        if head_weight is not None:
+            attached = attached + head_weight.float().sum() * 0.0
         return DiffusionLossOutput(
-            loss=logits.float().sum() * 0.0,  # keeps the graph so backward still reaches every parameter
+            loss=attached,
             ce_sum=zero,
             cap_sum=zero,
             num_correct=torch.zeros((), dtype=torch.long, device=logits.device),
@@ -214,23 +239,25 @@ def diffusion_loss(
         )
 
     with_cap = confidence_beta > 0.0
-    terms = functools.partial(_token_terms, entropy_requires_grad=with_cap)
-    if chunk_size is None or chunk_size >= num_tokens:
-        ce, entropy = terms(logits, labels)
+    if head_weight is None:
+        terms = functools.partial(_token_terms, entropy_requires_grad=with_cap)
     else:
-        checkpointed = torch.is_grad_enabled() and logits.requires_grad
-        pieces = []
+        terms = functools.partial(_head_terms, head_weight=head_weight, entropy_requires_grad=with_cap)
+    fused = head_weight is not None
+    if (chunk_size is None or chunk_size >= num_tokens) and not fused:
+        ce, entropy, is_correct = terms(logits, labels)
+    else:
+        # Fused: checkpointed even as one chunk, else its [N, V] logits would be saved for backward.
+        checkpointed = torch.is_grad_enabled() and (logits.requires_grad or (fused and head_weight.requires_grad))
+        rows, pieces = chunk_size or num_tokens, []
         # split (not slicing) so backward concatenates the chunk gradients once.
-        for logits_chunk, labels_chunk in zip(logits.split(chunk_size), labels.split(chunk_size)):
+        for logits_chunk, labels_chunk in zip(logits.split(rows), labels.split(rows)):
             if checkpointed:
                 pieces.append(checkpoint(terms, logits_chunk, labels_chunk, use_reentrant=False))
             else:
                 pieces.append(terms(logits_chunk, labels_chunk))
-        ce = torch.cat([piece[0] for piece in pieces])
-        entropy = torch.cat([piece[1] for piece in pieces])
+        ce, entropy, is_correct = (torch.cat(parts) for parts in zip(*pieces))
 
-    # Argmax of the raw logits equals argmax of their fp32 upcast (the cast is exact and monotone).
-    is_correct = logits.detach().argmax(dim=-1) == labels  # [N]
     confident_entropy = torch.where(is_correct, entropy, torch.zeros_like(entropy))
     weighted_ce = ce if weights is None else ce * weights.to(ce.dtype)
     objective = weighted_ce.sum()

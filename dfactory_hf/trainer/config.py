@@ -135,6 +135,12 @@ class DiffusionTrainingArguments(TrainingArguments):
                           "fp32 softmax memory to a few chunk x vocab buffers (1024 x 157k: 0.6 GiB each). "
                           "None: one chunk. Results do not depend on it."},
     )
+    fused_head_loss: bool = field(
+        default=False,
+        metadata={"help": "Apply the LM head inside the loss, loss_chunk_size rows at a time, recomputing each "
+                          "chunk in backward: the [supervised x vocab] logits and their gradient are never made "
+                          "(bench/memory_vocab.py), for one more head matmul in backward. Plain torch, any device."},
+    )
     # --- data --------------------------------------------------------------------------------------------
     max_seq_len: int = field(
         default=2048,

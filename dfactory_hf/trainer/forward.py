@@ -9,9 +9,12 @@ sequence parallel each rank runs its slice of every row (`parallel/sequence.py`)
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from ..diffusion.loss import (IGNORE_INDEX, DiffusionLossOutput, at_targets, diffusion_loss, gather_supervised,
                               stream_weights)
@@ -30,6 +33,7 @@ class DiffusionObjective:
     loss_weighting: str = "mean"
     confidence_beta: float = 0.0
     loss_chunk_size: int | None = 1024
+    fused_head_loss: bool = False  # the loss applies the LM head itself, chunk by chunk (`loss_at_head`)
     edit_keep_weight: float = 0.0  # draft-and-edit: weight of the kept tokens (noise_kind 3)
     edit_streams: bool = False  # report the loss per noise kind (M2T, T2T, kept)
 
@@ -42,6 +46,7 @@ class DiffusionObjective:
             loss_weighting=args.loss_weighting,
             confidence_beta=args.confidence_beta,
             loss_chunk_size=args.loss_chunk_size,
+            fused_head_loss=args.fused_head_loss,
             edit_keep_weight=args.edit_keep_weight,
             edit_streams=args.edit_noise_rate > 0 or args.edit_keep_weight > 0,
         )
@@ -127,19 +132,17 @@ def diffusion_step(model, batch: dict[str, torch.Tensor], objective: DiffusionOb
         targets, kinds = sequence_shard.piece(target_at)[selector], sequence_shard.piece(kind_at)[selector]
         if sequence_shard.rank != 0:
             num_row_tokens, replica = 0, {key: torch.zeros_like(value) for key, value in replica.items()}
-    logits = model(**inputs).logits  # [N, V] (this rank's N under sequence parallel)
     weights = stream_weights(mask_rate[selector], kinds, objective.loss_weighting,
                              keep_weight=objective.edit_keep_weight)
-    loss = diffusion_loss(
-        logits,
-        targets,
-        weights=weights,
-        num_items=num_items,
-        confidence_beta=objective.confidence_beta,
-        chunk_size=objective.loss_chunk_size,
-        groups=kinds if objective.edit_streams else None,
-        num_groups=NUM_NOISE_KINDS,
-    )
+    loss_of = functools.partial(diffusion_loss, labels=targets, weights=weights, num_items=num_items,
+                                confidence_beta=objective.confidence_beta, chunk_size=objective.loss_chunk_size,
+                                groups=kinds if objective.edit_streams else None, num_groups=NUM_NOISE_KINDS)
+    if objective.fused_head_loss:
+        with loss_at_head(model, loss_of) as taken:
+            model(**inputs)
+        loss = taken.output
+    else:
+        loss = loss_of(model(**inputs).logits)  # logits [N, V] (this rank's N under sequence parallel)
     return StepOutput(loss=loss, num_model_tokens=inputs["input_ids"].numel(), num_row_tokens=num_row_tokens,
                       **replica)
 
@@ -149,3 +152,40 @@ def replica_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     starts = real & (batch["position_ids"] == 0)
     return dict(num_real_tokens=real.sum(), mask_rate_sum=batch["mask_rate"][starts].sum(),
                 num_documents=starts.sum())
+
+
+def output_head(model) -> torch.nn.Linear:
+    """The model's LM head, refused unless it is a plain bias-free `nn.Linear` (a LoRA-wrapped head is not)."""
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise ValueError(f"--fused_head_loss needs the model's output head to be a bias-free nn.Linear; it is "
+                         f"{type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}. "
+                         "Train without --fused_head_loss (and keep the LM head out of the LoRA targets).")
+    return head
+
+
+class _TakenLoss:
+    output: DiffusionLossOutput | None = None
+
+
+@contextmanager
+def loss_at_head(model, loss_of):
+    """While inside, the LM head's call computes `loss_of(hidden, head_weight=weight)` and returns empty logits
+    [N, 0]: the loss runs where the model applies its head, so under FSDP2 the weight it reads is the gathered
+    one (the root's parameters are unsharded for its whole forward), and the [N, V] logits are never made.
+    The model is not changed: only this call's `forward` of the head is replaced, and restored on exit.
+    Liger's and cut-cross-entropy's fused kernels do this in Triton (GPU only); this is plain torch, chunked."""
+    head, taken = output_head(model), _TakenLoss()
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        taken.output = loss_of(hidden, head_weight=head.weight)
+        return hidden[..., :0]
+
+    head.forward = forward
+    try:
+        yield taken
+    finally:
+        del head.forward  # the class's forward again
+    if taken.output is None:
+        raise RuntimeError(f"--fused_head_loss: {type(model).__name__} never called its output head "
+                           f"{type(head).__name__}, so no loss was computed")

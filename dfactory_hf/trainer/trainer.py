@@ -42,7 +42,7 @@ from .components import (build_collator, check_answer_scorer, check_attention_ba
 from .config import DiffusionTrainingArguments
 from .evaluation import AnswerScorer, evaluate_elbo, evaluate_generation
 from .flops import batch_training_flops, peak_bf16_flops
-from .forward import DiffusionObjective, StepOutput
+from .forward import DiffusionObjective, StepOutput, output_head
 from .forward import diffusion_step as forward_step
 from .guards import INTERRUPTED_EXIT_STATUS, SaveOnInterrupt, StepCounter, StopAtExactMatch, no_step_message
 from .hub import save_run_files
@@ -134,6 +134,8 @@ class DiffusionTrainer(Trainer):
                                              seed=args.seed + 1, **edits)
         if args.use_peft or peft_config is not None:
             model = apply_lora(model, args, peft_config)
+        if args.fused_head_loss:
+            output_head(model)  # refused here, before any work, unless the head is a plain bias-free nn.Linear
         # Before any wrapping: what a checkpoint of this run records, and a resume compares against.
         self._model_shapes = model_shapes(model)
 

@@ -63,6 +63,18 @@ def test_fsdp2_two_ranks_train_like_one_process(runs, layout):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
+def test_fused_head_loss_under_fsdp2_trains_like_one_process_with_logits(runs):
+    # The loss applies the LM head inside the root's forward, where FSDP2 has gathered its weight: the same
+    # training as one plain process on the logits path, and no rank's head made vocab-wide logits.
+    parallel = runs("fsdp-fused-head", launcher="accelerate", ranks=2, grad_accum=2, layout="packed",
+                    fused_head_loss=True)
+    assert_fsdp2_engaged(parallel, ranks=2, shard_mesh=("dp_shard_cp",))
+    assert parallel["head_widths"] == [[0], [0]]
+    reference = single(runs, "packed")
+    assert reference["head_widths"] == [[reference["parameters"]["lm_head.weight"].shape[0]]]
+    assert_same_training(parallel, reference, num_steps=STEPS, atol=1e-5)
+
+
 def test_fsdp2_checkpoints_are_sharded_marked_and_the_final_save_is_the_hub_layout(runs, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM

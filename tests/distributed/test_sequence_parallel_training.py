@@ -65,6 +65,16 @@ def test_sp2_trains_like_one_process(runs, layout, full_attention):
             assert parallel["eval_metrics"][key] == pytest.approx(reference["eval_metrics"][key], rel=1e-5), key
 
 
+def test_sp2_with_the_fused_head_loss_trains_like_one_process_with_logits(runs):
+    # Each sp rank's loss applies the LM head to its own slice's supervised positions (and evaluates that way).
+    spec = dict(grad_accum=2, layout="packed", full_attention=False)
+    parallel = runs("sp2-fused-head", launcher="accelerate", ranks=2, sp_size=2, fused_head_loss=True, **spec)
+    assert_sequence_parallel_engaged(parallel, ranks=2, sp=2, full_attention=False)
+    assert parallel["head_widths"] == [[0], [0]]
+    assert_same_training(parallel, runs("single-packed-False-ga2", launcher="plain", evaluate=True, **spec),
+                         num_steps=STEPS, atol=1e-5)
+
+
 def test_sp2_times_dp_shard2_on_four_ranks_trains_like_one_process(runs):
     parallel = runs("sp2-dp2", launcher="accelerate", ranks=4, sp_size=2, grad_accum=2, layout="packed",
                     evaluate=True)

@@ -60,6 +60,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--evaluate", action="store_true", help="evaluate() after training (loss, accuracy, ELBO)")
     parser.add_argument("--edit_noise_rate", type=float, default=0.0, help="draft-and-edit training")
     parser.add_argument("--edit_keep_weight", type=float, default=0.0)
+    parser.add_argument("--fused_head_loss", action="store_true", help="the loss applies the LM head (chunked)")
     parser.add_argument("--shift_labels", action="store_true", help="next-token labels (same_token_labels=False)")
     parser.add_argument("--lora_target_modules", default=None,
                         help="comma-separated: train LoRA adapters on these modules (--use_peft)")
@@ -86,7 +87,7 @@ def main() -> None:
         dp_replicate_size=args.dp_replicate_size, sp_size=args.sp_size, ep_size=args.ep_size,
         router_bias_update_rate=args.router_bias_update_rate, **lora,
         edit_noise_rate=args.edit_noise_rate, edit_keep_weight=args.edit_keep_weight,
-        same_token_labels=not args.shift_labels,
+        same_token_labels=not args.shift_labels, fused_head_loss=args.fused_head_loss, loss_chunk_size=16,
         block_diffusion_mode=not args.full_attention, eval_mask_rates=[0.3, 0.7] if args.evaluate else [],
         per_device_eval_batch_size=4, **saving, **distributed, **layout)
     if args.model_path:
@@ -126,6 +127,8 @@ def main() -> None:
         return loss
 
     trainer.compute_loss = recording_compute_loss
+    head_widths = set()  # the LM head's output width per call: 0 when the loss applied the head (fused)
+    trainer.model.get_output_embeddings().register_forward_hook(lambda m, i, out: head_widths.add(out.shape[-1]))
     if args.kill_during_save_at:
         save_rng = trainer._save_rng_state
 
@@ -143,7 +146,7 @@ def main() -> None:
     # Trainer fetches one micro-batch beyond the last step before it stops: keep the trained ones.
     seen = seen[: args.max_steps * args.grad_accum]
     state = trainer.parallel_state
-    mine = dict(seen=seen, on_meta=on_meta, lengths=lengths, sp_rank=state.sp_rank, dp_rank=state.dp_rank,
+    mine = dict(seen=seen, on_meta=on_meta, lengths=lengths, head_widths=sorted(head_widths), sp_rank=state.sp_rank, dp_rank=state.dp_rank,
                 local_experts=local_expert_counts(trainer.model),
                 expert_bytes_read=getattr(getattr(trainer, "_shard_reader", None), "expert_bytes_read", None),
                 expert_bias=[gate.expert_bias.detach().cpu().clone() for gate in trainer.router_load.gates])
@@ -180,6 +183,7 @@ def main() -> None:
             micro_batches=[rank["seen"] for rank in everyone if rank["sp_rank"] == 0],
             loaded_on_meta=[rank["on_meta"] for rank in everyone],
             model_input_lengths=[rank["lengths"] for rank in everyone],
+            head_widths=[rank["head_widths"] for rank in everyone],
             sp_ranks=[rank["sp_rank"] for rank in everyone],
             rank_batches=[(rank["dp_rank"], rank["sp_rank"], rank["seen"]) for rank in everyone],
             local_experts=[rank["local_experts"] for rank in everyone],
